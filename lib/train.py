@@ -1,0 +1,272 @@
+"""Training with the Hugging Face Trainer: recipe, mixup/cutmix, layer-wise LR decay, DDP launch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from lib.params import Params, TrainParams, load_params, run_dir
+
+
+def device_precision(precision: str) -> dict[str, bool]:
+    """TrainingArguments flags for the precision setting ('auto': bf16 on a capable GPU, fp16 on others, fp32 on CPU)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision in ("bf16", "fp16") and not cuda:
+        raise ValueError(f"train.precision={precision} needs a CUDA GPU; use fp32 or auto on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not cuda}
+
+
+def soft_cross_entropy(logits: Any, targets: Any, label_smoothing: float = 0.0) -> Any:
+    """Mean cross-entropy against int class ids or soft (mixed) target distributions, with label smoothing."""
+    import torch
+
+    n = logits.shape[-1]
+    if targets.dtype in (torch.long, torch.int32, torch.int64):
+        targets = torch.nn.functional.one_hot(targets.long(), n).to(logits.dtype)
+    targets = targets * (1 - label_smoothing) + label_smoothing / n
+    return -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def loss_function(label_smoothing: float) -> Callable:
+    """A Trainer compute_loss_func using soft_cross_entropy."""
+
+    def compute(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        return soft_cross_entropy(outputs.logits, labels, label_smoothing)
+
+    return compute
+
+
+def mix_batch(batch: dict, num_labels: int, mixup_alpha: float, cutmix_alpha: float, rng: np.random.Generator) -> dict:
+    """Apply mixup or cutmix (one, chosen at random when both are on) to a collated batch; labels become soft."""
+    import torch
+
+    pixels, labels = batch["pixel_values"], batch["labels"]
+    modes = [m for m, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a > 0]
+    if not modes or len(labels) < 2:
+        return batch
+    mode = modes[int(rng.integers(len(modes)))]
+    lam = float(rng.beta(*(2 * [mixup_alpha if mode == "mixup" else cutmix_alpha])))
+    perm = torch.from_numpy(rng.permutation(len(labels)))
+    if mode == "mixup":
+        pixels = lam * pixels + (1 - lam) * pixels[perm]
+    else:
+        h, w = pixels.shape[-2:]
+        ch, cw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        pixels = pixels.clone()
+        pixels[..., y0:y1, x0:x1] = pixels[perm][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    onehot = torch.nn.functional.one_hot(labels.long(), num_labels).float()
+    return {"pixel_values": pixels, "labels": lam * onehot + (1 - lam) * onehot[perm]}
+
+
+def train_collator(num_labels: int, tp: TrainParams, seed: int) -> Callable[[list[dict]], dict]:
+    """Collate function for training: stacks examples, then mixes when mixup/cutmix is on."""
+    from lib.data import collate
+
+    rng = np.random.default_rng(seed + int(os.environ.get("RANK", 0)))
+
+    def apply(examples: list[dict]) -> dict:
+        return mix_batch(collate(examples), num_labels, tp.mixup_alpha, tp.cutmix_alpha, rng)
+
+    return apply if (tp.mixup_alpha > 0 or tp.cutmix_alpha > 0) else collate
+
+
+def layer_id(name: str, n_layers: int) -> int:
+    """Depth of a parameter for layer-wise LR decay: 0 embeddings, 1..n encoder layers, n+1 head and final norm."""
+    if "embeddings" in name:
+        return 0
+    for marker in (".layer.", ".layers.", ".stages."):
+        if marker in name:
+            return int(name.split(marker, 1)[1].split(".", 1)[0]) + 1
+    return n_layers + 1
+
+
+def param_groups(model: Any, tp: TrainParams) -> list[dict]:
+    """AdamW parameter groups: no weight decay on biases/norms; per-depth LR when layer_decay is set."""
+    from lib.model import encoder_layers
+
+    n_layers = len(encoder_layers(model))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim == 1 or name.endswith(".bias") or "position_embeddings" in name or "cls_token" in name
+        depth = layer_id(name, n_layers) if tp.layer_decay else n_layers + 1
+        scale = tp.layer_decay ** (n_layers + 1 - depth) if tp.layer_decay else 1.0
+        group = groups.setdefault(
+            (depth, no_decay),
+            {"params": [], "lr": tp.learning_rate * scale, "weight_decay": 0.0 if no_decay else tp.weight_decay},
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def accuracy_metric(eval_pred: Any) -> dict[str, float]:
+    """Trainer compute_metrics: validation accuracy."""
+    logits, labels = eval_pred
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+def training_arguments(tp: TrainParams, out: Path, seed: int) -> Any:
+    """TrainingArguments for the recipe: checkpoint each epoch, keep the best by validation accuracy."""
+    from transformers import TrainingArguments
+
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    backend = None if tp.ddp_backend == "auto" else tp.ddp_backend
+    flags = device_precision(tp.precision)
+    if distributed and backend is None and flags["use_cpu"]:
+        backend = "gloo"
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=tp.epochs,
+        per_device_train_batch_size=tp.batch_size,
+        per_device_eval_batch_size=tp.batch_size * 2,
+        gradient_accumulation_steps=tp.grad_accum,
+        learning_rate=tp.learning_rate,
+        weight_decay=tp.weight_decay,
+        warmup_steps=tp.warmup_ratio,
+        lr_scheduler_type=tp.lr_scheduler,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="steps",
+        logging_steps=10,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        save_total_limit=tp.save_total_limit,
+        dataloader_num_workers=tp.num_workers,
+        dataloader_persistent_workers=tp.num_workers > 0,
+        remove_unused_columns=False,
+        report_to="none",
+        seed=seed,
+        ddp_backend=backend,
+        ddp_find_unused_parameters=False if distributed else None,
+        **flags,
+    )
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """Path of the newest Trainer checkpoint in the run folder, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train(params: Params, out: Path) -> dict:
+    """Train on the prepared splits; save the best model to out/model and the history; return a summary."""
+    import torch
+    from transformers import Trainer
+
+    from lib.data import class_names, eval_batch_transform, load_splits, train_batch_transform
+    from lib.model import build_model, count_parameters, save_model
+
+    tp = params.train
+    if tp.torch_threads:
+        torch.set_num_threads(tp.torch_threads)
+    splits = load_splits(out / "data")
+    labels = class_names(splits["train"])
+    model, processor, spec = build_model(params.model, labels)
+    args = training_arguments(tp, out, params.run.seed)
+    optimizer = torch.optim.AdamW(param_groups(model, tp), lr=tp.learning_rate)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"].with_transform(train_batch_transform(spec, tp.augment.model_dump())),
+        eval_dataset=splits["validation"].with_transform(eval_batch_transform(spec)),
+        data_collator=train_collator(len(labels), tp, params.run.seed),
+        compute_loss_func=loss_function(tp.label_smoothing),
+        compute_metrics=accuracy_metric,
+        optimizers=(optimizer, None),
+    )
+    trainer.loss_is_scaled_for_ga = False
+    resume = last_checkpoint(out) if tp.resume else None
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.time() - start
+    history = trainer.state.log_history
+    summary = {
+        "train_runtime_s": round(runtime, 1),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "epochs": tp.epochs,
+        "best_val_accuracy": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "resumed_from": resume,
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        "parameters": count_parameters(model),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+    }
+    if trainer.is_world_process_zero():
+        save_model(trainer.model, processor, spec, out / "model")
+        (out / "train_history.json").write_text(json.dumps(history, indent=2))
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def torchrun_command(params_file: Path, tp: TrainParams, node_rank: int = 0, master: str = "127.0.0.1:29500") -> list[str]:
+    """The torchrun command that runs `python -m lib.train` in num_gpus processes on each of `nodes` machines."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={tp.nodes}",
+        f"--nproc_per_node={tp.num_gpus}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={master.split(':')[0]}",
+        f"--master_port={master.split(':')[1]}",
+        "-m", "lib.train", str(params_file),
+    ]  # fmt: skip
+
+
+def stream(cmd: list[str], env: dict | None = None) -> Iterator[str]:
+    """Run a command and yield its output lines as they come; raise on a non-zero exit."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+    assert proc.stdout is not None
+    yield from proc.stdout
+    if proc.wait():
+        raise RuntimeError(f"command failed with exit status {proc.returncode}: {' '.join(cmd)}")
+
+
+def launch_distributed(params_file: Path, tp: TrainParams) -> None:
+    """Launch DDP training with torchrun and stream its progress (for the notebook's output)."""
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    for line in stream(torchrun_command(params_file, tp), env=env):
+        print(line, end="", flush=True)
+
+
+def distributed(tp: TrainParams) -> bool:
+    """Whether the recipe asks for more than one training process."""
+    return tp.num_gpus * tp.nodes > 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for torchrun: python -m lib.train PARAMS_FILE [key=value ...]."""
+    parser = argparse.ArgumentParser(prog="python -m lib.train")
+    parser.add_argument("params_file")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    params = load_params(args.params_file, args.overrides)
+    train(params, run_dir(params))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Model building, freezing, recipe pieces (loss, mixup/cutmix, layer-wise LR decay)."""
+
+import numpy as np
+import pytest
+import torch
+
+from lib import model as M
+from lib import train as T
+from lib.params import ModelParams, TrainParams, VitConfig
+
+torch.set_num_threads(2)
+LABELS = [f"c{i}" for i in range(5)]
+TINY = VitConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+
+
+def tiny(freeze: int = 0):
+    return M.build_model(ModelParams(config=TINY, freeze_layers=freeze), LABELS)
+
+
+def test_build_from_config_has_labels_and_spec():
+    model, processor, spec = tiny()
+    assert model.config.id2label == dict(enumerate(LABELS)) and spec.size == 16
+    assert len(M.encoder_layers(model)) == 3
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_freezing_really_freezes_the_first_n_layers(n):
+    model, _, _ = tiny(freeze=n)
+    layers = M.encoder_layers(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    out = model(pixel_values=torch.randn(4, 3, 16, 16), labels=torch.tensor([0, 1, 2, 3]))
+    out.loss.backward()
+    opt.step()
+    changed = {id(p): not torch.equal(p, b) for p, b in zip(model.parameters(), before)}
+    for i, layer in enumerate(layers):
+        assert all(changed[id(p)] != (i < n) for p in layer.parameters() if p.ndim > 1), f"layer {i}"
+    emb = model.base_model.embeddings.patch_embeddings.projection.weight
+    assert changed[id(emb)] == (n == 0)
+    assert changed[id(model.classifier.weight)]
+    counts = M.count_parameters(model)
+    assert (counts["trainable"] < counts["total"]) == (n > 0)
+
+
+def test_freezing_more_layers_than_exist_is_an_error():
+    model, _, _ = tiny()
+    with pytest.raises(ValueError, match="3 encoder layers"):
+        M.freeze_layers(model, 4)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, processor, spec = tiny()
+    M.save_model(model, processor, spec, tmp_path / "m")
+    M.save_temperature(tmp_path / "m", 1.7)
+    again = M.load_model(tmp_path / "m")
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model.eval()(pixel_values=x).logits, again(pixel_values=x).logits)
+    assert M.model_labels(tmp_path / "m") == LABELS and M.load_temperature(tmp_path / "m") == 1.7
+    assert M.load_temperature(tmp_path) == 1.0
+
+
+def test_soft_cross_entropy_matches_torch_with_label_smoothing():
+    logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    expected = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    torch.testing.assert_close(T.soft_cross_entropy(logits, y, 0.1), expected)
+    soft = torch.nn.functional.one_hot(y, 5).float()
+    torch.testing.assert_close(T.soft_cross_entropy(logits, soft), torch.nn.functional.cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0)])
+def test_mix_batch_makes_soft_labels(mixup, cutmix):
+    batch = {"pixel_values": torch.randn(8, 3, 16, 16), "labels": torch.arange(8) % 5}
+    out = T.mix_batch(batch, 5, mixup, cutmix, np.random.default_rng(0))
+    assert out["labels"].shape == (8, 5)
+    torch.testing.assert_close(out["labels"].sum(1), torch.ones(8))
+    assert not torch.equal(out["pixel_values"], batch["pixel_values"])
+    same = T.mix_batch(batch, 5, 0.0, 0.0, np.random.default_rng(0))
+    assert same is batch
+
+
+def test_layer_decay_scales_learning_rate_by_depth():
+    model, _, _ = tiny()
+    tp = TrainParams(learning_rate=1e-3, layer_decay=0.5, weight_decay=0.1)
+    groups = T.param_groups(model, tp)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    layers = M.encoder_layers(model)
+    assert lr_of[id(model.classifier.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(layers[2].mlp.fc1.weight if hasattr(layers[2], "mlp") else next(layers[2].parameters()))] == pytest.approx(5e-4)
+    assert lr_of[id(model.base_model.embeddings.patch_embeddings.projection.weight)] == pytest.approx(1e-3 * 0.5**4)
+    assert wd_of[id(model.classifier.bias)] == 0.0 and wd_of[id(model.classifier.weight)] == 0.1
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_cpu_refuses_gpu_precision():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert T.device_precision("auto") == {"bf16": False, "fp16": False, "use_cpu": True}
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        T.device_precision("bf16")
+
+
+def test_torchrun_command():
+    cmd = T.torchrun_command("p.yaml", TrainParams(num_gpus=4, nodes=2), node_rank=1, master="10.0.0.1:29400")
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29400"} <= set(cmd)
+    assert cmd[-3:] == ["-m", "lib.train", "p.yaml"]
+    assert T.distributed(TrainParams(num_gpus=2)) and not T.distributed(TrainParams())
