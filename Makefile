@@ -24,7 +24,7 @@ lab: setup  ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 dashboard: setup  ## serve the Voila dashboard on 127.0.0.1 with the demo's published model
-	$(PY) -m lib.dashboard serve --params $(PARAMS)
+	$(VENV)/bin/voila notebooks/dashboard.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866
 
 bench: setup  ## CPU serving and evaluation benchmark
 	$(PY) -m lib.bench $(BENCH_ARGS)

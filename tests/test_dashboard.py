@@ -1,0 +1,438 @@
+"""The Voila dashboard in a real browser (Debian's Chromium driven by Playwright), against a published tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from lib.params import ROOT, GateParams, ModelParams, Params, VitConfig, save_params
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+MODEL_NAME = "har-vit-test"
+TOP_K = 3
+MAX_UPLOAD_MIB = 20
+SCREENSHOT = ROOT / "outputs" / "screenshots" / "dashboard.png"
+SERVERS: dict[str, int] = {}  # url -> Voila process id, for counting its kernels
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)")
+
+
+# --------------------------------------------------------------------------- shared helpers (test_deploy uses them)
+
+
+def tiny_model_params() -> ModelParams:
+    """A very small ViT so export and inference take a moment only."""
+    return ModelParams(config=VitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64))
+
+
+def make_run(run_dir: Path) -> Path:
+    """A run folder as the pipeline leaves it: model/, export/ (when lib.export exists), metrics, params, plot."""
+    from lib.model import build_model, save_model
+    from lib.synthetic import CLASS_NAMES
+
+    import torch
+
+    torch.manual_seed(0)
+    params = Params(model=tiny_model_params())
+    model, processor, spec = build_model(params.model, list(CLASS_NAMES))
+    save_model(model, processor, spec, run_dir / "model")
+    save_params(params, run_dir / "params.yaml")
+    (run_dir / "metrics.json").write_text(json.dumps({"accuracy": 0.8125, "f1_macro": 0.8, "f1_weighted": 0.81, "n_test": 64}))
+    Image.new("RGB", (32, 32), (240, 240, 240)).save(run_dir / "confusion_matrix.png")
+    export_run(run_dir, params)
+    return run_dir
+
+
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run folder per test session (built on first use), shared by the dashboard and deploy tests."""
+    run_dir = tmp_path_factory.getbasetemp() / "shared-run"
+    if not (run_dir / "metrics.json").is_file():
+        make_run(run_dir)
+    return run_dir
+
+
+def export_run(run_dir: Path, params: Params) -> None:
+    """ONNX fp32 + int8 into export/ with lib.export, serving the int8 file (the torch backend serves without it)."""
+    try:
+        from lib.export import INT8_FILE, export_model
+    except ImportError:
+        return
+    export_model(run_dir / "model", run_dir / "export", params.export.opset, "dynamic")
+    (run_dir / "export" / "serving.json").write_text(json.dumps({"file": INT8_FILE, "reason": "test fixture"}))
+
+
+def publish_run(run_dir: Path, registry: str) -> dict:
+    """Publish a run folder with the gate off; return publish()'s record."""
+    from lib.registry import publish
+
+    result = publish(run_dir, registry, MODEL_NAME, GateParams(enabled=False))
+    assert result["published"], result
+    return result
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 90.0) -> requests.Response:
+    """Poll url until HTTP 200 (or the process dies / time runs out)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            resp = requests.get(url, timeout=60)
+            if resp.status_code == 200:
+                return resp
+            last = f"HTTP {resp.status_code}"
+        except requests.RequestException as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 in {timeout:.0f}s ({last})")
+
+
+def voila_command(port: int) -> list[str]:
+    """The dashboard's voila command line (as `make dashboard` runs it), on 127.0.0.1:port."""
+    return [sys.executable, "-m", "voila", "notebooks/dashboard.ipynb", "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}"]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server we started and wait for it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def photo(label: int = 4, size: tuple[int, int] = (320, 240)) -> bytes:
+    """A synthetic stick-figure photo as JPEG bytes."""
+    from lib.synthetic import render
+
+    buf = io.BytesIO()
+    render(label, np.random.default_rng(label), size).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- without a browser
+
+
+def test_cards_escape_user_text():
+    from html.parser import HTMLParser
+
+    from lib.dashboard import render_bars, render_error
+
+    class Tags(HTMLParser):
+        """Collects start tags and attribute names."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            self.seen += [tag] + [name for name, _ in attrs]
+
+    evil = '"><img src=x onerror=alert(1)>'
+    for html_text in (render_error(evil, evil), render_bars([(evil, 0.5)])):
+        parser = Tags()
+        parser.feed(html_text)
+        assert "img" not in parser.seen and "onerror" not in parser.seen
+
+
+def test_occlusion_uses_exactly_the_model_input(tmp_path_factory: pytest.TempPathFactory):
+    from lib.dashboard import load_bundle, model_input_view, occlusion_map
+    from lib.params import DashboardParams
+    from lib.transforms import resize_center_crop
+
+    bundle = load_bundle(DashboardParams(), {"HAR_MODEL_DIR": str(shared_run(tmp_path_factory))})
+    img = Image.open(io.BytesIO(photo(2, (301, 187)))).convert("RGB")
+    resized, box = model_input_view(img, bundle.spec)
+    assert np.array_equal(np.asarray(resized.crop(box)), np.asarray(resize_center_crop(img, bundle.spec)))
+    # the unoccluded input in the occlusion batch gives the same probabilities as a plain prediction
+    np.testing.assert_allclose(bundle.predictor.predict_proba([resized]), bundle.predictor.predict_proba([img]), atol=1e-6)
+    heat, crop = occlusion_map(bundle, img, bundle.predictor.labels[0])
+    assert heat.shape == (bundle.patch_grid, bundle.patch_grid) and 0 <= heat.min() and heat.max() <= 1
+    assert crop.size == (bundle.spec.size, bundle.spec.size)
+
+
+def test_upload_cards_check_declared_and_real_sizes(tmp_path_factory: pytest.TempPathFactory):
+    from lib.dashboard import load_bundle, upload_cards
+    from lib.params import DashboardParams
+
+    p = DashboardParams(max_upload_mib=1, top_k=2)
+    bundle = load_bundle(p, {"HAR_MODEL_DIR": str(shared_run(tmp_path_factory))})
+    good = photo(1)
+    items = [
+        {"name": "big.jpg", "size": 5 * 1024 * 1024, "content": b""},  # the browser guard sent no bytes
+        {"name": "skipped.jpg", "size": 1000, "content": b""},  # past the batch budget
+        {"name": "liar.jpg", "size": 10, "content": good + b"\0" * (2 * 1024 * 1024)},  # a client lying about size
+        {"name": "ok.jpg", "size": len(good), "content": memoryview(good)},
+    ]
+    cards = upload_cards(bundle, p, items, saliency=True)
+    assert "limit is 1 MiB" in cards[0] and "Not sent" in cards[1] and "limit is 1.0 MiB" in cards[2]
+    assert cards[3].startswith('<div class="har-result"') and cards[3].count('class="har-pred"') == 2
+    assert 'class="har-saliency"' in cards[3]
+    many = upload_cards(bundle, p, [items[3]] * 10, saliency=False)
+    assert len(many) == 9 and "Only 8 images" in many[-1]
+
+
+def test_start_up_failure_is_a_message_not_a_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import IPython.display
+
+    from lib import dashboard
+
+    shown: list[str] = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(getattr(obj, "data", repr(obj))))
+    monkeypatch.setenv("HAR_REGISTRY", str(tmp_path / "no-such-registry"))
+    monkeypatch.delenv("HAR_MODEL_DIR", raising=False)
+    dashboard.main(ROOT / "params" / "demo.yaml")
+    page = "".join(shown)
+    assert "The dashboard is unavailable: the model could not be loaded" in page
+    assert "Traceback" not in page and "no-such-registry" not in page
+    shown.clear()
+    monkeypatch.setenv("HAR_TOP_K", "99")
+    dashboard.main(ROOT / "params" / "demo.yaml")
+    assert "its configuration is invalid" in "".join(shown)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Voila serving the dashboard on a free port, with a model published into a local registry."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    publish_run(shared_run(tmp_path_factory), str(tmp / "registry"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "HAR_REGISTRY": str(tmp / "registry"),
+        "HAR_MODEL_NAME": MODEL_NAME,
+        "HAR_TOP_K": str(TOP_K),
+        "HAR_MAX_UPLOAD_MIB": str(MAX_UPLOAD_MIB),
+        "HAR_REGISTRY_CACHE": str(tmp / "cache"),
+        "HAR_MAX_KERNELS": "4",
+        "HAR_THREADS": "1",
+    }
+    log = open(tmp / "voila.log", "w")
+    proc = subprocess.Popen(voila_command(port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc)
+        SERVERS[f"http://127.0.0.1:{port}/"] = proc.pid
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        stop(proc)
+        log.close()
+        print((tmp / "voila.log").read_text()[-3000:])  # shown by pytest when a test failed
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait until the server accepts TCP connections (a GET would start a kernel)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"voila exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"voila did not listen on {port}")
+
+
+@pytest.fixture(scope="module")
+def page(server: str) -> Iterator[object]:
+    """One browser page on the dashboard, shared by the tests in order (one visitor, one kernel)."""
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium missing (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1100, "height": 900})
+        pg.set_default_timeout(60_000)
+        pg.goto(server)
+        pg.wait_for_selector(".har-model-info", timeout=90_000)
+        yield pg
+        browser.close()
+
+
+def kernel_count(server_url: str) -> int:
+    """Number of ipykernel processes under the Voila server serving server_url."""
+    import psutil
+
+    count = 0
+    for child in psutil.Process(SERVERS[server_url]).children(recursive=True):
+        try:
+            count += child.status() != psutil.STATUS_ZOMBIE and "ipykernel_launcher" in " ".join(child.cmdline())
+        except psutil.Error:  # exited (or a zombie) meanwhile
+            pass
+    return count
+
+
+def cards(pg) -> int:
+    """Number of result and error cards on the page."""
+    return pg.locator(".har-results .har-result, .har-results .har-error").count()
+
+
+def upload(pg, files: list, expect: int) -> None:
+    """Choose files through the upload button's file chooser; wait for `expect` new cards."""
+    before = cards(pg)
+    with pg.expect_file_chooser() as chooser:
+        pg.click(".har-upload")
+    chooser.value.set_files(files)
+    pg.wait_for_function(
+        f"document.querySelectorAll('.har-results .har-result, .har-results .har-error').length >= {before + expect}"
+    )
+
+
+def payload(name: str, data: bytes, mime: str = "image/jpeg") -> dict:
+    """A Playwright file payload."""
+    return {"name": name, "mimeType": mime, "buffer": data}
+
+
+def newest(pg, selector: str):
+    """The newest card (results are prepended) matching selector."""
+    return pg.locator(f".har-results {selector}").first
+
+
+# --------------------------------------------------------------------------- tests (they share one page, in order)
+
+
+@needs_chromium
+def test_page_shows_model_and_no_source(page, server: str):
+    info = page.locator(".har-model-info")
+    assert info.get_attribute("data-model") == MODEL_NAME
+    assert info.get_attribute("data-version")
+    assert "accuracy 0.812" in info.inner_text()
+    content = page.content()
+    for leak in ("from lib.dashboard import main", "params_file =", "main(params_file", "Traceback"):
+        assert leak not in content
+    # no file serving, no notebook download, no Jupyter API to run code
+    for path in ("voila/files/dashboard.ipynb", "dashboard.ipynb", "voila/files/confusion.png", "api/contents",
+                 "api/sessions", "api/kernels", "lab", "tree"):
+        resp = requests.get(server + path, timeout=30)
+        assert resp.status_code in (403, 404, 405), (path, resp.status_code)
+
+
+@needs_chromium
+def test_valid_image_shows_top_k_descending(page):
+    upload(page, [payload("runner.jpg", photo(11))], expect=1)
+    card = newest(page, ".har-result")
+    assert card.get_attribute("data-name") == "runner.jpg"
+    rows = card.locator(".har-pred")
+    assert rows.count() == TOP_K
+    probs = [float(rows.nth(i).get_attribute("data-prob")) for i in range(TOP_K)]
+    labels = [rows.nth(i).get_attribute("data-label") for i in range(TOP_K)]
+    assert probs == sorted(probs, reverse=True)
+    assert 0 < sum(probs) <= 1 + 1e-6 and all(0 <= p <= 1 for p in probs)
+    assert len(set(labels)) == TOP_K and card.get_attribute("data-top-label") == labels[0]
+    assert float(card.get_attribute("data-ms")) > 0
+    assert "predicted in" in card.locator(".har-time").inner_text()
+    assert card.locator(".har-image").count() == 1
+    # a random tiny model is never confident: the low-confidence notice shows
+    assert card.get_attribute("data-low-confidence") == "true"
+    assert card.locator(".har-low-confidence").count() == 1
+
+
+@needs_chromium
+def test_corrupt_file_then_valid_upload_still_works(page):
+    data = photo(3)
+    upload(page, [payload("broken.jpg", data[: len(data) // 3])], expect=1)
+    err = newest(page, ".har-error")
+    assert err.get_attribute("data-name") == "broken.jpg"
+    assert "damaged or truncated" in err.inner_text()
+    assert "Traceback" not in page.content()
+    upload(page, [payload("after.jpg", photo(5))], expect=1)
+    assert newest(page, ".har-result").get_attribute("data-name") == "after.jpg"
+
+
+@needs_chromium
+def test_mixed_batch_reports_each_file(page, tmp_path: Path):
+    Image.new("RGBA", (80, 60), (0, 0, 255, 128)).save(tmp_path / "alpha.png")
+    (tmp_path / "notes.txt").write_bytes(b"just some text\n" * 20)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    huge = tmp_path / "huge.jpg"  # over the cap: the browser sends it without its bytes
+    huge.write_bytes(b"\xff\xd8" + b"\0" * (MAX_UPLOAD_MIB * 1024 * 1024 + 10))
+    files = [str(tmp_path / name) for name in ("notes.txt", "empty.jpg", "huge.jpg", "alpha.png")]
+    upload(page, files, expect=4)
+    errors = {e.get_attribute("data-name"): e.inner_text() for e in page.locator(".har-results .har-error").all()[:3]}
+    assert "not an image" in errors["notes.txt"]
+    assert "empty" in errors["empty.jpg"]
+    assert f"limit is {MAX_UPLOAD_MIB} MiB" in errors["huge.jpg"]
+    assert newest(page, ".har-result").get_attribute("data-name") == "alpha.png"
+    assert "3 refused" in page.locator(".har-status").inner_text()
+
+
+@needs_chromium
+def test_phone_size_photo_passes_the_websocket(page, tmp_path: Path):
+    noise = np.random.default_rng(1).integers(0, 255, (2000, 2100, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "phone.bmp")
+    assert (tmp_path / "phone.bmp").stat().st_size > 12 * 1024 * 1024  # over tornado's default 10 MiB message cap
+    upload(page, [str(tmp_path / "phone.bmp")], expect=1)
+    assert newest(page, ".har-result").get_attribute("data-name") == "phone.bmp"
+
+
+@needs_chromium
+def test_upload_batch_budget_is_enforced_in_the_browser(page):
+    limits = page.evaluate("window.harUploadLimits")
+    page.evaluate("window.harUploadLimits = {file: window.harUploadLimits.file, batch: 300000}")
+    try:
+        upload(page, [payload("first.jpg", photo(1, (900, 700))), payload("second.bmp", b"BM" + b"\0" * 299_000, "image/bmp")], expect=2)
+    finally:
+        page.evaluate(f"window.harUploadLimits = {json.dumps(limits)}")
+    assert newest(page, ".har-error").get_attribute("data-name") == "second.bmp"
+    assert "Not sent" in newest(page, ".har-error").inner_text()
+
+
+@needs_chromium
+def test_url_to_metadata_service_is_refused(page):
+    for url, message in (("http://169.254.169.254/latest/meta-data/", "private or reserved"), ("file:///etc/passwd", "Only http")):
+        before = cards(page)
+        page.fill(".har-url input", url)
+        page.click(".har-url-button")
+        page.wait_for_function(f"document.querySelectorAll('.har-results .har-result, .har-results .har-error').length > {before}")
+        assert message in newest(page, ".har-error").inner_text()
+
+
+@needs_chromium
+def test_occlusion_map_and_screenshot(page):
+    page.click(".har-saliency-toggle input")
+    upload(page, [payload("dancer.jpg", photo(3, (300, 400)))], expect=1)
+    card = newest(page, ".har-result")
+    assert card.locator(".har-saliency").count() == 1
+    assert "occlusion map" in card.locator(".har-time").inner_text()
+    content = page.content()
+    assert "INFO classified" not in content and "Traceback" not in content  # server logs never reach the page
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+@needs_chromium
+def test_leaving_the_page_frees_the_kernel(page, server: str):
+    assert kernel_count(server) == 1
+    page.goto("about:blank")  # beforeunload: Voila's shutdown beacon (needs the _xsrf cookie the page sets)
+    deadline = time.monotonic() + 20
+    while kernel_count(server) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert kernel_count(server) == 0
