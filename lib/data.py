@@ -33,7 +33,8 @@ def _standardise(ds: Any) -> Any:
     image_cols = [c for c, f in ds.features.items() if isinstance(f, ImageFeature)]
     if len(label_cols) != 1 or len(image_cols) != 1:
         raise ValueError(
-            f"expected one image column and one ClassLabel column, found features {dict(ds.features)}"
+            f"expected one image column and one ClassLabel column, found features {dict(ds.features)} "
+            "(an image folder needs one subfolder per class, at least two classes)"
         )
     if label_cols[0] != "label":
         ds = ds.rename_column(label_cols[0], "label")
@@ -58,13 +59,12 @@ def content_hashes(ds: Any) -> list[str]:
     """sha256 of each image's encoded bytes (file content), without decoding pixels."""
     from datasets import Image as ImageFeature
 
-    raw = ds.cast_column("image", ImageFeature(decode=False))
+    raw = ds.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
     hashes = []
-    for item in raw["image"]:
-        data = item.get("bytes")
-        if data is None:
-            data = Path(item["path"]).read_bytes()
-        hashes.append(hashlib.sha256(data).hexdigest())
+    for batch in raw.iter(batch_size=512):
+        for item in batch["image"]:
+            data = item.get("bytes") or Path(item["path"]).read_bytes()
+            hashes.append(hashlib.sha256(data).hexdigest())
     return hashes
 
 

@@ -19,7 +19,8 @@ def label_maps(labels: list[str]) -> dict[str, dict]:
 
 def build_model(mp: ModelParams, labels: list[str]) -> tuple[Any, Any, ImageSpec]:
     """Build (model, image processor, eval ImageSpec) with a fresh head for these labels."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+    from transformers import ViTImageProcessorPil as ViTImageProcessor  # PIL backend: no torchvision needed
 
     if mp.source == "config":
         cfg = ViTConfig(**mp.config.model_dump(), num_labels=len(labels), **label_maps(labels))
@@ -36,7 +37,7 @@ def build_model(mp: ModelParams, labels: list[str]) -> tuple[Any, Any, ImageSpec
             attn_implementation=mp.attn_implementation,
             **label_maps(labels),
         )
-        processor = AutoImageProcessor.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name, backend="pil")
     freeze_layers(model, mp.freeze_layers)
     return model, processor, spec_from_processor(processor, mp.crop_pct)
 

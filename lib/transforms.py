@@ -120,8 +120,6 @@ def train_transform(
 ) -> np.ndarray:
     """Random augmentation for training only: resized crop, flip, small rotation, colour jitter."""
     img = to_rgb(img)
-    if rotation_deg > 0:
-        img = img.rotate(float(rng.uniform(-rotation_deg, rotation_deg)), RESAMPLE, expand=False, fillcolor=(124, 116, 104))
     w, h = img.size
     area = w * h
     for _ in range(10):
@@ -134,7 +132,10 @@ def train_transform(
     else:
         cw = ch = min(w, h)
         left, top = (w - cw) // 2, (h - ch) // 2
-    img = img.resize((spec.size, spec.size), RESAMPLE, box=(left, top, left + cw, top + ch))
+    # Crop and shrink first, so that rotation and jitter work on spec.size pixels, not the full photo.
+    img = img.resize((spec.size, spec.size), RESAMPLE, box=(left, top, left + cw, top + ch), reducing_gap=2.0)
+    if rotation_deg > 0:
+        img = img.rotate(float(rng.uniform(-rotation_deg, rotation_deg)), Image.Resampling.BILINEAR, fillcolor=(124, 116, 104))
     if hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if color_jitter > 0:

@@ -1,0 +1,371 @@
+"""Export stage: the trained classifier to ONNX (dynamic batch), fused for ONNX Runtime, quantized to int8,
+checked against PyTorch on the test split, and the serving model chosen by a stated rule."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lib.params import Params
+from lib.predict import (
+    EXPORT_DIR,
+    SERVING_FILE,
+    Predictor,
+    onnx_runner,
+    onnx_session,
+    read_labels,
+    read_temperature,
+    torch_runner,
+)
+from lib.transforms import ImageSpec, eval_batch, load_spec
+
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+# Quantized op types: the projections and MLP (MatMul) and the fused self-attention (-> QAttention).
+# LayerNorm, Softmax, GELU, the patch embedding and the classifier head stay in float.
+DYNAMIC_OPS = ["MatMul", "Attention"]
+STATIC_OPS = ["MatMul"]
+
+
+def export_torchscript(model: Any, path: Path, image_size: int, opset: int) -> Path:
+    """torch.onnx.export with the TorchScript exporter (it fuses better than dynamo), eager attention, dynamic batch."""
+    import torch
+
+    model = model.eval().to("cpu")
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:
+        model.config._attn_implementation = "eager"
+    dummy = torch.zeros(1, 3, image_size, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
+
+
+def scale_to_div(proto: Any) -> int:
+    """Rewrite 'scores * c -> Softmax' as 'scores / (1/c)' so ORT's attention fusion recognises the block; count rewrites."""
+    import onnx
+    from onnx import numpy_helper
+
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inits = {t.name: t for t in proto.graph.initializer}
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type != "Mul" or not any(c.op_type == "Softmax" for c in consumers.get(node.output[0], [])):
+            continue
+        scale = node.input[1]
+        if scale in inits:
+            value = numpy_helper.to_array(inits[scale])
+        elif scale in producers and producers[scale].op_type == "Constant":
+            value = numpy_helper.to_array(onnx.helper.get_attribute_value(producers[scale].attribute[0]))
+        else:
+            continue
+        if value.size != 1 or float(value.reshape(-1)[0]) == 0.0:
+            continue
+        name = f"{node.name or node.output[0]}_reciprocal"
+        proto.graph.initializer.append(numpy_helper.from_array((1.0 / value).astype(value.dtype), name))
+        node.op_type, node.input[1] = "Div", name
+        count += 1
+    return count
+
+
+def fuse_for_ort(raw: Path, dst: Path, num_heads: int, hidden_size: int, attention: bool = True) -> dict[str, int]:
+    """ORT transformer optimizer (model_type vit): fused Attention, SkipLayerNorm, BiasGelu; return fused op counts."""
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    proto = onnx.load(str(raw))
+    rewrites = scale_to_div(proto)
+    options = FusionOptions("vit")
+    options.enable_attention = attention
+    level = logging.getLogger("onnxruntime.transformers").level
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    try:
+        fused = optimize_model(
+            proto, model_type="vit", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options, opt_level=0
+        )
+    finally:
+        logging.getLogger("onnxruntime.transformers").setLevel(level)
+    fused.save_model_to_file(str(dst))
+    stats = {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+    return {**stats, "scale_rewrites": rewrites}
+
+
+class _PixelReader:
+    """CalibrationDataReader over preprocessed pixel batches (static quantization)."""
+
+    def __init__(self, pixels: np.ndarray, batch_size: int = 8) -> None:
+        self._batches = iter([{INPUT_NAME: pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+def quantize_int8(src: Path, dst: Path, mode: str, calibration: np.ndarray | None = None) -> Path:
+    """int8 weights: 'dynamic' (MatMul + fused Attention, per-tensor) or 'static' (QDQ MatMul, per-channel, calibrated)."""
+    import onnx
+
+    extra = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # silences the quantizer's 'consider pre-processing' notice
+    try:
+        _quantize(src, dst, mode, calibration, extra)
+    finally:
+        root.setLevel(level)
+    return dst
+
+
+def _quantize(src: Path, dst: Path, mode: str, calibration: np.ndarray | None, extra: dict) -> None:
+    """quantize_dynamic / quantize_static with this stage's choices."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if mode == "dynamic":
+        quantize_dynamic(
+            str(src), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=False, reduce_range=False,
+            weight_type=QuantType.QInt8, extra_options=extra,
+        )
+    elif mode == "static":
+        if calibration is None or not len(calibration):
+            raise ValueError("static quantization needs calibration images")
+        quantize_static(
+            str(src), str(dst), _PixelReader(calibration), quant_format=QuantFormat.QDQ, op_types_to_quantize=STATIC_OPS,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
+        )
+    else:
+        raise ValueError(f"unknown quantization mode {mode!r}")
+
+
+def dataset_images(ds: Any, start: int, stop: int) -> list[Any]:
+    """Decoded PIL images ds[start:stop]."""
+    return list(ds[start:stop]["image"])
+
+
+def predictor_logits(predictor: Predictor, ds: Any, batch_size: int = 32) -> np.ndarray:
+    """Logits (N, C) of a dataset split through a Predictor (batched; same eval_transform as evaluation)."""
+    parts = [predictor.logits(dataset_images(ds, i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, len(predictor.labels)), np.float32)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of rows whose top-1 class is the same in both logit arrays."""
+    return float(np.mean(np.argmax(a, 1) == np.argmax(b, 1))) if len(a) else float("nan")
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy."""
+    return float(np.mean(np.argmax(logits, 1) == np.asarray(labels))) if len(logits) else float("nan")
+
+
+def choose_serving(
+    agreement_int8: float | None,
+    accuracy_drop_int8: float | None,
+    min_agreement: float,
+    max_accuracy_drop: float,
+) -> tuple[str, str]:
+    """(file, reason): int8 only if its top-1 agreement >= min_agreement and accuracy drop <= max_accuracy_drop."""
+    if agreement_int8 is None or accuracy_drop_int8 is None:
+        return FP32_FILE, "no int8 model (quantization disabled): serving fp32 ONNX"
+    if not np.isfinite(agreement_int8) or not np.isfinite(accuracy_drop_int8):
+        return FP32_FILE, "int8 could not be checked (empty test split): serving fp32 ONNX"
+    if agreement_int8 < min_agreement:
+        return FP32_FILE, f"int8 top-1 agreement {agreement_int8:.4f} < {min_agreement}: serving fp32 ONNX"
+    if accuracy_drop_int8 > max_accuracy_drop + 1e-12:
+        return FP32_FILE, f"int8 accuracy drop {accuracy_drop_int8:.4f} > {max_accuracy_drop}: serving fp32 ONNX"
+    return INT8_FILE, (
+        f"int8 agreement {agreement_int8:.4f} >= {min_agreement} and accuracy drop {accuracy_drop_int8:.4f} "
+        f"<= {max_accuracy_drop}: serving int8 ONNX"
+    )
+
+
+def latency_ms(predictor: Predictor, images: list[Any], warmup: int = 2) -> float:
+    """Median milliseconds per image of predict_proba on one image at a time (preprocessing included)."""
+    for im in images[:warmup]:
+        predictor.predict_proba([im])
+    times = []
+    for im in images:
+        start = time.perf_counter()
+        predictor.predict_proba([im])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3) if times else float("nan")
+
+
+def update_metrics(out: Path, key: str, value: Any) -> Path:
+    """Read-modify-write out/metrics.json: set one top-level key, keep the others."""
+    path = Path(out) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics[key] = value
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def size_mib(path: Path) -> float:
+    """File size in MiB."""
+    return round(Path(path).stat().st_size / 2**20, 1)
+
+
+def export_model(
+    model_dir: Path,
+    export_dir: Path,
+    opset: int = 18,
+    quantize: str = "dynamic",
+    calibration: np.ndarray | None = None,
+) -> dict:
+    """Write export_dir/model.onnx (fused fp32) and, unless quantize='none', model.int8.onnx; return what was done."""
+    from lib.model import load_model
+
+    model_dir, export_dir = Path(model_dir), Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (SERVING_FILE, FP32_FILE, INT8_FILE):
+        (export_dir / stale).unlink(missing_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    spec = load_spec(model_dir)
+    raw = export_dir / "model.raw.onnx"
+    heads, hidden = int(cfg.get("num_attention_heads", 0)), int(cfg.get("hidden_size", 0))
+    start = time.time()
+    export_torchscript(load_model(model_dir), raw, spec.size, opset)
+    fused = fuse_for_ort(raw, export_dir / FP32_FILE, heads, hidden)
+    info = {"opset": opset, "quantize": quantize, "fused_ops": fused, "files": {"fp32": FP32_FILE}}
+    if quantize != "none":
+        src = export_dir / FP32_FILE
+        if quantize == "static":  # QDQ MatMuls over the unfused attention; ORT fuses them into integer ops at load
+            src = export_dir / "model.static-src.onnx"
+            fuse_for_ort(raw, src, heads, hidden, attention=False)
+        quantize_int8(src, export_dir / INT8_FILE, quantize, calibration)
+        if src.name != FP32_FILE:
+            src.unlink()
+        info["files"]["int8"] = INT8_FILE
+    raw.unlink()
+    info["seconds"] = round(time.time() - start, 1)
+    return info
+
+
+def check_exports(
+    model_dir: Path,
+    export_dir: Path,
+    ds: Any,
+    batch_size: int = 32,
+    latency_images: int = 12,
+    threads: int | None = None,
+) -> dict:
+    """Logits of PyTorch (fp32) and each ONNX file on a split: agreement, accuracy, delta, size, latency per image."""
+    from lib.model import load_model
+    from lib.predict import dataset_logits
+
+    model_dir, export_dir = Path(model_dir), Path(export_dir)
+    labels, spec, temperature = read_labels(model_dir), load_spec(model_dir), read_temperature(model_dir)
+    model = load_model(model_dir)
+    y = np.asarray(ds["label"]) if len(ds) else np.zeros(0, int)
+    ref = dataset_logits(model, ds, spec, batch_size=batch_size, device="cpu", precision="fp32") if len(ds) else np.zeros((0, len(labels)))
+    torch_pred = Predictor(torch_runner(model, "cpu"), labels, spec, temperature, "torch", str(model_dir / "model.safetensors"))
+    timing = dataset_images(ds, 0, min(latency_images, len(ds)))
+    acc_ref = accuracy(ref, y)
+    rows = {"torch": {"file": "model/model.safetensors", "size_mib": size_mib(model_dir / "model.safetensors"),
+                      "agreement": 1.0, "accuracy": acc_ref, "accuracy_drop": 0.0,
+                      "latency_ms": latency_ms(torch_pred, timing)}}
+    for variant, name in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+        path = export_dir / name
+        if not path.is_file():
+            continue
+        pred = Predictor(onnx_runner(onnx_session(path, threads)), labels, spec, temperature, "onnx", str(path))
+        logits = predictor_logits(pred, ds, batch_size)
+        acc = accuracy(logits, y)
+        rows[variant] = {
+            "file": name,
+            "size_mib": size_mib(path),
+            "agreement": agreement(logits, ref),
+            "accuracy": acc,
+            "accuracy_drop": acc_ref - acc,
+            "max_abs_logit_diff": float(np.max(np.abs(logits - ref))) if len(ref) else float("nan"),
+            "latency_ms": latency_ms(pred, timing),
+        }
+    return {"test_images": int(len(ds)), "variants": rows}
+
+
+def calibration_pixels(ds: Any, spec: ImageSpec, n: int = 64) -> np.ndarray:
+    """Up to n evenly spaced images of a split, preprocessed, for static quantization."""
+    if not len(ds):
+        return np.zeros((0, 3, spec.size, spec.size), np.float32)
+    idx = np.unique(np.linspace(0, len(ds) - 1, num=min(n, len(ds))).astype(int))
+    return eval_batch([ds[int(i)]["image"] for i in idx], spec)
+
+
+def run_export(p: Params, out: Path) -> dict:
+    """The export stage: export, quantize, check on the test split, choose the serving model, write metrics + serving.json."""
+    from lib.data import load_splits
+
+    out = Path(out)
+    model_dir, export_dir = out / "model", out / EXPORT_DIR
+    ep = p.export
+    dd = load_splits(out / "data")
+    calibration = calibration_pixels(dd["validation"], load_spec(model_dir)) if ep.quantize == "static" else None
+    info = export_model(model_dir, export_dir, ep.opset, ep.quantize, calibration)
+    check = check_exports(model_dir, export_dir, dd["test"], batch_size=p.evaluate.batch_size)
+    rows = check["variants"]
+    fp32 = rows["fp32"]
+    if len(dd["test"]) and fp32["agreement"] < ep.min_agreement:
+        raise RuntimeError(
+            f"the fp32 ONNX export disagrees with PyTorch (top-1 agreement {fp32['agreement']:.4f}): not serving it"
+        )
+    int8 = rows.get("int8")
+    file, reason = choose_serving(
+        int8["agreement"] if int8 else None, int8["accuracy_drop"] if int8 else None, ep.min_agreement, ep.max_accuracy_drop
+    )
+    chosen = rows["int8" if file == INT8_FILE else "fp32"]
+    serving = {
+        "file": file,
+        "reason": reason,
+        "agreement": chosen["agreement"],
+        "accuracy": chosen["accuracy"],
+        "accuracy_torch": rows["torch"]["accuracy"],
+        "accuracy_drop": chosen["accuracy_drop"],
+        "test_images": check["test_images"],
+        "min_agreement": ep.min_agreement,
+        "max_accuracy_drop": ep.max_accuracy_drop,
+        "quantize": ep.quantize,
+        "opset": ep.opset,
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+    }
+    result = {**info, **check, "serving": serving}
+    update_metrics(out, "export", result)
+    (export_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2))
+    return result
+
+
+def export_table(result: dict) -> Any:
+    """The variants of an export result as a pandas DataFrame (size, agreement, accuracy, latency)."""
+    import pandas as pd
+
+    table = pd.DataFrame(result["variants"]).T
+    table["serving"] = table["file"] == result["serving"]["file"]
+    cols = ["file", "size_mib", "agreement", "accuracy", "accuracy_drop", "latency_ms", "serving"]
+    return table[cols]

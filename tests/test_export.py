@@ -1,0 +1,177 @@
+"""Export stage end to end on a tiny model: ONNX files, fusion, int8, checks, serving rule, metrics.json."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from lib.export import FP32_FILE, INT8_FILE, choose_serving, export_table, run_export, scale_to_div
+from lib.model import build_model, save_model, save_temperature
+from lib.params import ModelParams, Params
+from lib.pipeline import require_stage
+from lib.predict import load_predictor, onnx_session
+
+LABELS = [f"action_{i:02d}" for i in range(15)]
+
+torch.set_num_threads(1)
+
+
+def tiny_split(n: int, seed: int) -> "Dataset":  # noqa: F821
+    """A split with columns image (datasets Image), label (ClassLabel, 15 names), sha256 (string)."""
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(seed)
+    images, hashes = [], []
+    for _ in range(n):
+        w, h = int(rng.integers(48, 128)), int(rng.integers(48, 128))
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+        hashes.append(hashlib.sha256(buf.getvalue()).hexdigest())
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=LABELS), "sha256": Value("string")})
+    return Dataset.from_dict({"image": images, "label": [i % 15 for i in range(n)], "sha256": hashes}, features=features)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A completed run folder (prepare, train, evaluate outputs) with the export stage run on it."""
+    from datasets import DatasetDict
+
+    root = tmp_path_factory.mktemp("run")
+    DatasetDict({"train": tiny_split(15, 0), "validation": tiny_split(15, 1), "test": tiny_split(30, 2)}).save_to_disk(str(root / "data"))
+    (root / "data" / "summary.json").write_text("{}")
+    torch.manual_seed(0)
+    model, processor, spec = build_model(ModelParams(), LABELS)
+    save_model(model, processor, spec, root / "model")
+    save_temperature(root / "model", 1.5)
+    (root / "metrics.json").write_text(json.dumps({"accuracy": 0.1, "f1_weighted": 0.1}))
+    (root / "confusion_matrix.png").write_bytes(b"")
+    require_stage(root, "evaluate")
+    return root, run_export(Params(), root)
+
+
+def test_stage_outputs(exported: tuple[Path, dict]) -> None:
+    """Both ONNX files and serving.json exist; the stage counts as completed; no temporary files are left."""
+    root, result = exported
+    files = sorted(p.name for p in (root / "export").iterdir())
+    assert files == sorted([FP32_FILE, INT8_FILE, "serving.json"])
+    require_stage(root, "export")
+    serving = json.loads((root / "export" / "serving.json").read_text())
+    assert serving["file"] in (FP32_FILE, INT8_FILE)
+    assert serving["opset"] == 18 and serving["reason"]
+    assert serving == result["serving"]
+
+
+def test_metrics_json_keeps_other_keys(exported: tuple[Path, dict]) -> None:
+    """metrics.json gains an 'export' key with agreement and accuracy figures; earlier keys stay."""
+    root, _ = exported
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["accuracy"] == 0.1 and metrics["f1_weighted"] == 0.1
+    variants = metrics["export"]["variants"]
+    assert set(variants) == {"torch", "fp32", "int8"}
+    assert variants["fp32"]["agreement"] == 1.0
+    assert abs(variants["fp32"]["accuracy_drop"]) < 1e-9
+    assert variants["fp32"]["max_abs_logit_diff"] < 1e-3
+    assert 0.0 <= variants["int8"]["agreement"] <= 1.0
+    assert variants["int8"]["size_mib"] < variants["fp32"]["size_mib"]
+    assert metrics["export"]["test_images"] == 30
+    assert all(v["latency_ms"] > 0 for v in variants.values())
+
+
+def test_serving_follows_the_rule(exported: tuple[Path, dict]) -> None:
+    """The stored choice is what choose_serving says for the measured int8 figures."""
+    _, result = exported
+    int8 = result["variants"]["int8"]
+    file, _ = choose_serving(int8["agreement"], int8["accuracy_drop"], 0.99, 0.005)
+    assert result["serving"]["file"] == file
+
+
+def test_attention_is_fused_and_int8_keeps_norms_in_float(exported: tuple[Path, dict]) -> None:
+    """fp32: one Attention op per block; int8: QAttention + integer MatMuls, LayerNorm/Softmax-free float norms."""
+    root, result = exported
+    layers = ModelParams().config.num_hidden_layers
+    assert result["fused_ops"]["Attention"] == layers
+    fp32_ops = [n.op_type for n in onnx.load(str(root / "export" / FP32_FILE)).graph.node]
+    assert fp32_ops.count("Attention") == layers and "Softmax" not in fp32_ops
+    int8_ops = [n.op_type for n in onnx.load(str(root / "export" / INT8_FILE)).graph.node]
+    assert int8_ops.count("QAttention") == layers
+    assert "MatMulInteger" in int8_ops or "DynamicQuantizeMatMul" in int8_ops
+    assert int8_ops.count("SkipLayerNormalization") == fp32_ops.count("SkipLayerNormalization") > 0
+
+
+def test_dynamic_batch(exported: tuple[Path, dict]) -> None:
+    """Both files take any batch size."""
+    root, _ = exported
+    size = ModelParams().config.image_size
+    for name in (FP32_FILE, INT8_FILE):
+        session = onnx_session(root / "export" / name, threads=1)
+        for batch in (1, 3):
+            x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+            assert session.run(None, {"pixel_values": x})[0].shape == (batch, 15)
+
+
+def test_predictor_serves_the_choice(exported: tuple[Path, dict]) -> None:
+    """load_predictor on the run folder picks the ONNX backend and the chosen file."""
+    root, result = exported
+    pred = load_predictor(root, threads=1)
+    assert pred.backend == "onnx" and Path(pred.model_file).name == result["serving"]["file"]
+
+
+def test_table(exported: tuple[Path, dict]) -> None:
+    """The comparison table has one row per variant and marks the served one."""
+    _, result = exported
+    table = export_table(result)
+    assert list(table.index) == ["torch", "fp32", "int8"]
+    assert int(table["serving"].sum()) == 1
+
+
+@pytest.mark.parametrize(
+    ("agreement", "drop", "expected"),
+    [
+        (0.995, 0.001, INT8_FILE),  # both conditions hold
+        (0.99, 0.005, INT8_FILE),  # boundaries are inclusive
+        (1.0, -0.01, INT8_FILE),  # int8 more accurate than PyTorch
+        (0.989, 0.0, FP32_FILE),  # agreement too low
+        (0.999, 0.0051, FP32_FILE),  # accuracy drop too large
+        (0.5, 0.2, FP32_FILE),  # both fail
+        (None, None, FP32_FILE),  # quantization disabled
+        (float("nan"), float("nan"), FP32_FILE),  # empty test split
+    ],
+)
+def test_choose_serving(agreement: float | None, drop: float | None, expected: str) -> None:
+    """int8 only if agreement >= min_agreement and accuracy drop <= max_accuracy_drop."""
+    file, reason = choose_serving(agreement, drop, min_agreement=0.99, max_accuracy_drop=0.005)
+    assert file == expected and reason
+
+
+def test_scale_to_div_rewrites_only_scaled_softmax() -> None:
+    """Mul-by-constant feeding a Softmax becomes Div by the reciprocal; other Muls stay."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale = numpy_helper.from_array(np.array(0.125, np.float32), "scale")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "scale"], ["s"], name="scores"),
+            helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+            helper.make_node("Mul", ["p", "scale"], ["y"], name="other"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [scale],
+    )
+    proto = helper.make_model(graph)
+    assert scale_to_div(proto) == 1
+    ops = {n.name: n for n in proto.graph.node}
+    assert ops["scores"].op_type == "Div" and ops["other"].op_type == "Mul"
+    recip = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}[ops["scores"].input[1]]
+    assert float(recip) == 8.0
