@@ -45,7 +45,7 @@ MANIFEST = "_generated.json"
 DUPLICATE_FRACTION = 0.01
 PNG_FRACTION = 0.15
 # How hard the task is. Pose and props carry the label; context and framing are partial, realistic hints.
-CONTEXT_FRACTION = 0.8  # share of images whose background is the action's usual setting (else any setting)
+CONTEXT_FRACTION = 0.7  # share of images whose background is the action's usual setting (else any setting)
 MAX_ROTATION_DEG = 5.0
 SCALE_RANGE = (0.82, 0.95)  # longest side of the framed scene, as a fraction of the evaluation crop
 MAX_SHIFT = 0.08  # largest offset of the scene centre from the image centre, as a fraction of the crop
@@ -551,11 +551,14 @@ def _plain(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 
 
 def _outdoor(rng: np.random.Generator, w: int, h: int, ground: str) -> np.ndarray:
-    """Pale sky over the ground of a park (grass), a street (asphalt, dashed line) or a running track (lanes)."""
+    """Pale sky over a park (grass), a country road, a street (asphalt, buildings), a running track or a beach."""
     arr = _gradient(_hsv(rng, (0.52, 0.62), (0.2, 0.5), (0.85, 1.0)), _hsv(rng, (0.5, 0.6), (0.0, 0.2), (0.9, 1.0)), w, h)
     horizon = int(h * rng.uniform(0.55, 0.7))
-    if ground == "park":
+    if ground in ("park", "road"):
         colour = _hsv(rng, (0.2, 0.35), (0.35, 0.65), (0.55, 0.8))
+    elif ground == "beach":
+        arr[horizon - max(3, h // 10) : horizon] = _hsv(rng, (0.52, 0.6), (0.5, 0.8), (0.6, 0.85))  # the sea
+        colour = _hsv(rng, (0.1, 0.15), (0.25, 0.5), (0.85, 0.97))
     elif ground == "street":
         colour = _hsv(rng, (0.0, 1.0), (0.0, 0.08), (0.45, 0.65))
         if rng.random() < 0.7:  # buildings on the horizon
@@ -574,6 +577,21 @@ def _outdoor(rng: np.random.Generator, w: int, h: int, ground: str) -> np.ndarra
         for frac in (0.3, 0.65):
             y = horizon + int((h - horizon) * frac)
             arr[y : y + lines] = 250
+    elif ground == "road":
+        y = horizon + int((h - horizon) * rng.uniform(0.3, 0.5))
+        arr[y : y + max(4, (h - horizon) // 3)] = _hsv(rng, (0.0, 1.0), (0.0, 0.08), (0.45, 0.6))
+    return arr
+
+
+def _stage(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """A stage: light backdrop between red curtains, wooden boards below."""
+    arr = _gradient(_hsv(rng, (0.0, 1.0), (0.0, 0.2), (0.8, 0.97)), _hsv(rng, (0.0, 1.0), (0.0, 0.2), (0.7, 0.9)), w, h)
+    curtain = _hsv(rng, (0.96, 1.02), (0.6, 0.85), (0.5, 0.75))
+    cw = int(w * rng.uniform(0.12, 0.2))
+    arr[:, :cw] = curtain
+    arr[:, w - cw :] = curtain
+    arr[: int(h * rng.uniform(0.06, 0.12))] = curtain
+    arr[int(h * rng.uniform(0.75, 0.85)) :] = _hsv(rng, (0.06, 0.1), (0.45, 0.7), (0.45, 0.65))
     return arr
 
 
@@ -633,13 +651,13 @@ def _party(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     return img
 
 
-SETTINGS = ("plain", "park", "street", "track", "ring", "living_room", "bedroom", "kitchen", "party")
+SETTINGS = ("plain", "park", "road", "street", "track", "beach", "ring", "stage", "living_room", "bedroom", "kitchen", "party")
 
 # Where each action is usually photographed. Scene context is a real, and sometimes misleading, cue in
 # action photos; classes that share a setting (calling/texting, sitting/using_laptop ...) stay confusable.
 USUAL_SETTING: dict[str, str] = {
-    "calling": "street", "clapping": "party", "cycling": "street", "dancing": "party", "drinking": "kitchen",
-    "eating": "kitchen", "fighting": "ring", "hugging": "park", "laughing": "park",
+    "calling": "street", "clapping": "stage", "cycling": "road", "dancing": "party", "drinking": "kitchen",
+    "eating": "kitchen", "fighting": "ring", "hugging": "beach", "laughing": "park",
     "listening_to_music": "bedroom", "running": "track", "sitting": "living_room", "sleeping": "bedroom",
     "texting": "street", "using_laptop": "living_room",
 }
@@ -660,6 +678,9 @@ def _background(rng: np.random.Generator, w: int, h: int, setting: str) -> Image
         arr = {
             "plain": lambda: _plain(rng, w, h),
             "park": lambda: _outdoor(rng, w, h, "park"),
+            "road": lambda: _outdoor(rng, w, h, "road"),
+            "beach": lambda: _outdoor(rng, w, h, "beach"),
+            "stage": lambda: _stage(rng, w, h),
             "street": lambda: _outdoor(rng, w, h, "street"),
             "track": lambda: _outdoor(rng, w, h, "track"),
             "ring": lambda: _ring(rng, w, h),
