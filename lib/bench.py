@@ -29,11 +29,9 @@ from PIL import Image
 
 from lib.params import ROOT
 from lib.predict import EXPORT_DIR, SERVING_FILE, load_predictor, model_folder, read_serving
+from lib.synthetic import CLASS_NAMES
 
-HAR_LABELS = [
-    "calling", "clapping", "cycling", "dancing", "drinking", "eating", "fighting", "hugging", "laughing",
-    "listening_to_music", "running", "sitting", "sleeping", "texting", "using_laptop",
-]
+HAR_LABELS = list(CLASS_NAMES)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 

@@ -101,3 +101,27 @@ def test_check_cli_fails_fast_without_importing_torch(tmp_path):
     ok = subprocess.run([sys.executable, "-c", code, str(ROOT / "params" / "demo.yaml")], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert "stages: prepare -> train -> evaluate -> export -> publish" in ok.stdout
+
+
+def test_sweep_expands_to_one_run_per_value():
+    from lib.pipeline import sweep_overrides
+
+    runs = sweep_overrides(["model.freeze_layers=0,2,11"])
+    assert runs == [
+        ("freeze_layers0", ["model.freeze_layers=0"]),
+        ("freeze_layers2", ["model.freeze_layers=2"]),
+        ("freeze_layers11", ["model.freeze_layers=11"]),
+    ]
+    assert len(sweep_overrides(["train.epochs=1,2", "train.learning_rate=0.1,0.2"])) == 4
+    with pytest.raises(ParamsError, match="lists no values"):
+        sweep_overrides(["train.epochs="])
+
+
+def test_sweep_check_validates_every_run(capsys):
+    from lib.pipeline import main
+
+    assert main(["--params", str(ROOT / "params" / "demo.yaml"), "--sweep", "model.freeze_layers=0,2", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs/demo-freeze_layers0" in out and "outputs/demo-freeze_layers2" in out
+    assert main(["--params", str(ROOT / "params" / "demo.yaml"), "--sweep", "model.freeze_layers=0,9", "--check"]) == 2
+    assert "freeze_layers=9 exceeds" in capsys.readouterr().err
