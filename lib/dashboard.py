@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from lib.params import DEFAULT_PARAMS, DashboardParams, ParamsError, load_params
-from lib.transforms import RESAMPLE, ImageSpec, load_spec, to_rgb
+from lib.transforms import RESAMPLE, ImageSpec, load_spec, resize_for_crop
 from lib.uploads import MIB, UploadError, decode_image, fetch_url
 
 log = logging.getLogger("har.dashboard")
@@ -264,13 +264,7 @@ def classify(bundle: ModelBundle, img: Image.Image, k: int) -> Prediction:
 
 def model_input_view(img: Image.Image, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """The resized image the eval transform crops from, and the crop box (what the model sees)."""
-    img = to_rgb(img)
-    w, h = img.size
-    scale = spec.resize_to / min(w, h)
-    nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
-    resized = img.resize((nw, nh), RESAMPLE)
-    left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
-    return resized, (left, top, left + spec.size, top + spec.size)
+    return resize_for_crop(img, spec)
 
 
 def occlusion_map(bundle: ModelBundle, img: Image.Image, label: str, grid: int | None = None) -> tuple[np.ndarray, Image.Image]:

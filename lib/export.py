@@ -23,6 +23,7 @@ from lib.predict import (
     read_temperature,
     torch_runner,
 )
+from lib.metrics import update_metrics
 from lib.transforms import ImageSpec, eval_batch, load_spec
 
 FP32_FILE = "model.onnx"
@@ -216,17 +217,6 @@ def latency_ms(predictor: Predictor, images: list[Any], warmup: int = 2) -> floa
     return float(np.median(times) * 1e3) if times else float("nan")
 
 
-def update_metrics(out: Path, key: str, value: Any) -> Path:
-    """Read-modify-write out/metrics.json: set one top-level key, keep the others."""
-    path = Path(out) / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    metrics[key] = value
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(path)
-    return path
-
-
 def size_mib(path: Path) -> float:
     """File size in MiB."""
     return round(Path(path).stat().st_size / 2**20, 1)
@@ -356,7 +346,7 @@ def run_export(p: Params, out: Path) -> dict:
         "output": OUTPUT_NAME,
     }
     result = {**info, **check, "serving": serving}
-    update_metrics(out, "export", result)
+    update_metrics(out / "metrics.json", {"export": result})
     (export_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2))
     return result
 

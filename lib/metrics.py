@@ -60,5 +60,7 @@ def update_metrics(path: Path, updates: dict) -> dict:
     path = Path(path)
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     metrics.update(updates)
-    path.write_text(json.dumps(metrics, indent=2))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(path)
     return metrics

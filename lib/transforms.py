@@ -88,15 +88,20 @@ def _normalize(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def resize_center_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
-    """Resize the shorter side to spec.resize_to, then center-crop spec.size x spec.size."""
+def resize_for_crop(img: Image.Image, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The image resized so its shorter side is spec.resize_to, and the center-crop box within it."""
     img = to_rgb(img)
     w, h = img.size
     scale = spec.resize_to / min(w, h)
     nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
-    img = img.resize((nw, nh), RESAMPLE)
     left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
-    return img.crop((left, top, left + spec.size, top + spec.size))
+    return img.resize((nw, nh), RESAMPLE), (left, top, left + spec.size, top + spec.size)
+
+
+def resize_center_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    """Resize the shorter side to spec.resize_to, then center-crop spec.size x spec.size."""
+    resized, box = resize_for_crop(img, spec)
+    return resized.crop(box)
 
 
 def eval_transform(img: Image.Image, spec: ImageSpec) -> np.ndarray:

@@ -96,7 +96,7 @@ def test_serving_follows_the_rule(exported: tuple[Path, dict]) -> None:
 
 
 def test_attention_is_fused_and_int8_keeps_norms_in_float(exported: tuple[Path, dict]) -> None:
-    """fp32: one Attention op per block; int8: QAttention + integer MatMuls, LayerNorm/Softmax-free float norms."""
+    """fp32: one fused Attention op per block; int8: QAttention + integer MatMuls, LayerNorms left in float."""
     root, result = exported
     layers = ModelParams().config.num_hidden_layers
     assert result["fused_ops"]["Attention"] == layers
