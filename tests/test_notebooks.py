@@ -25,6 +25,11 @@ def test_notebook_has_a_parsable_parameters_cell(path):
     assert len(tagged) == 1, f"{path.name}: one cell tagged 'parameters'"
     tree = ast.parse(tagged[0].source)
     assert tree.body and all(isinstance(node, ast.Assign) for node in tree.body)
+    # papermill's own parser must see every parameter (it skips lines it cannot parse, e.g. some trailing comments)
+    from papermill.translators import PythonTranslator
+
+    assigned = [target.id for node in tree.body for target in node.targets]
+    assert [p.name for p in PythonTranslator.inspect(tagged[0])] == assigned, f"{path.name}: papermill cannot parse a parameter line"
 
 
 def test_stage_notebooks_exist():

@@ -58,6 +58,7 @@ def _drawn_pixels(label: int, seed: list[int], size: tuple[int, int]) -> tuple[n
 def test_full_figures_stay_inside_the_evaluation_center_crop(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
     """With full-body framing, the drawing lies in the central square that resize + center crop keeps."""
     monkeypatch.setattr(synthetic, "FRAMING", {name: (1.0, 0.0, 0.0) for name in CLASS_NAMES})
+    monkeypatch.setattr(synthetic, "BLUR_FRACTION", 0.0)  # blur would also change background edges
     w, h = size
     side = 0.875 * min(w, h)
     x0, y0 = (w - side) / 2, (h - side) / 2
@@ -163,6 +164,18 @@ def test_changed_parameters_or_missing_file_regenerate(tmp_path: Path) -> None:
     write_image_folder(root, 2, seed=5)
     assert all(len(list((root / n).iterdir())) == 2 for n in CLASS_NAMES)  # leftovers of the larger set removed
     assert json.loads((root / MANIFEST).read_text())["seed"] == 5
+
+
+def test_new_generator_version_regenerates_a_cached_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_image_folder(tmp_path / "d", 2, seed=0)
+    victim = next((root / "calling").iterdir())
+    victim.write_bytes(b"stale")
+    write_image_folder(root, 2, seed=0)
+    assert victim.read_bytes() == b"stale"  # same version: the cache is trusted
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    write_image_folder(root, 2, seed=0)
+    assert victim.read_bytes() != b"stale"
+    assert json.loads((root / MANIFEST).read_text())["generator_version"] == synthetic.GENERATOR_VERSION
 
 
 def test_rejects_bad_arguments(tmp_path: Path) -> None:
