@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PARAMS ?= params/demo.yaml
+PROFILE ?= params/har_vit.yaml
 
-.PHONY: setup demo test lab dashboard bench check clean
+.PHONY: setup demo test lab dashboard bench check rehearsal clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +29,9 @@ dashboard: setup  ## serve the Voila dashboard on 127.0.0.1 with the demo's publ
 
 bench: setup  ## CPU serving and evaluation benchmark
 	$(PY) -m lib.bench $(BENCH_ARGS)
+
+rehearsal: setup  ## the real profile, every stage, full-size ViT-B/16, offline (CPU, or the GPU when present)
+	$(PY) -m lib.rehearsal --profile $(PROFILE) $(REHEARSAL_ARGS)
 
 check: setup  ## validate the params and print the stage plan
 	$(PY) -m lib.pipeline --params $(PARAMS) --check

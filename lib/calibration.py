@@ -115,3 +115,25 @@ def calibrate(
         "nll_before": nll(test_logits, test_labels),
         "nll_after": nll(test_logits, test_labels, temperature),
     }
+
+
+def served_calibration(
+    val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray, fit: bool = True
+) -> dict[str, float]:
+    """What one served model and view achieves: T fitted on its own validation logits (1.0 when fit is off), and its
+    test accuracy, ECE before and after scaling, and NLL at T.
+
+    The logits must come from the file and view that serving runs (one view, no flip averaging): a temperature fitted
+    on other logits (TTA, or the fp32 model when int8 is served) describes a different model.
+    """
+    test_labels = np.asarray(test_labels, dtype=np.int64)
+    temperature = fit_temperature(val_logits, val_labels) if fit and len(val_labels) else 1.0
+    return {
+        "temperature": temperature,
+        "accuracy": float(np.mean(np.argmax(test_logits, 1) == test_labels)) if len(test_labels) else float("nan"),
+        "ece": expected_calibration_error(softmax(test_logits, temperature), test_labels),
+        "ece_uncalibrated": expected_calibration_error(softmax(test_logits), test_labels),
+        "nll": nll(test_logits, test_labels, temperature),
+        "test_images": int(len(test_labels)),
+        "validation_images": int(len(val_labels)),
+    }

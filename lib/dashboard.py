@@ -195,6 +195,7 @@ class ModelBundle:
     version: str
     created: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    served: dict[str, Any] = field(default_factory=dict)  # metrics.json["served"]: what this predictor achieves
     patch_grid: int = OCCLUSION_GRID
 
 
@@ -250,6 +251,7 @@ def load_bundle(p: DashboardParams, environ: Mapping[str, str] | None = None) ->
         version=str(manifest.get("version") or root.name),
         created=manifest.get("created"),
         metrics=summary,
+        served=metrics["served"] if isinstance(metrics.get("served"), dict) else {},
         patch_grid=max(2, grid),
     )
 
@@ -403,6 +405,13 @@ def short_time(iso: str) -> str:
 def render_model_info(bundle: ModelBundle, p: DashboardParams) -> str:
     """The model panel: name, version, date, test metrics, backend, known classes."""
     metrics = " · ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in bundle.metrics.items()) or "no metrics recorded"
+    sv = bundle.served
+    served = (
+        f"{sv.get('variant')} ({Path(str(sv.get('file', ''))).name}): accuracy {float(sv['accuracy']):.3f} · "
+        f"calibration error {float(sv['ece']):.3f}"
+        if isinstance(sv.get("accuracy"), (int, float)) and isinstance(sv.get("ece"), (int, float))
+        else ""
+    )
     labels = ", ".join(_e(x) for x in bundle.predictor.labels)
     model_file = Path(str(getattr(bundle.predictor, "model_file", "") or "")).name
     backend = f"{getattr(bundle.predictor, 'backend', '?')}" + (f" ({model_file})" if model_file else "")
@@ -411,7 +420,9 @@ def render_model_info(bundle: ModelBundle, p: DashboardParams) -> str:
         f'data-backend="{_e(getattr(bundle.predictor, "backend", ""))}">'
         f"<b>Model</b> {_e(bundle.name)} · version <code>{_e(bundle.version)}</code>"
         + (f" · published {_e(short_time(bundle.created))}" if bundle.created else "")
-        + f"<br><b>Test metrics</b> {_e(metrics)}<br><b>Runtime</b> {_e(backend)} on {_e(p.device)} · top {p.top_k}"
+        + f"<br><b>Test metrics</b> {_e(metrics)}"
+        + (f"<br><b>As served</b> {_e(served)}" if served else "")
+        + f"<br><b>Runtime</b> {_e(backend)} on {_e(p.device)} · top {p.top_k}"
         f"<details><summary>{len(bundle.predictor.labels)} actions it knows</summary>{labels}</details></div>"
     )
 

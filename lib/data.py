@@ -1,11 +1,15 @@
-"""Dataset loading (Hub id, image folder, embedded generator), de-duplication, stratified splits, transforms."""
+"""Dataset loading (Hub id, image folder, embedded generator), de-duplication, near-duplicate grouping (dHash),
+group-aware stratified splits, transforms."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
+import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -14,6 +18,15 @@ from lib.params import DataParams, resolve_path
 from lib.transforms import ImageSpec, eval_transform, train_transform
 
 SPLITS = ("train", "validation", "test")
+# Difference hash: a 9x8 grey thumbnail gives 8 rows of 8 horizontal neighbour comparisons, 64 bits.
+DHASH_COLS, DHASH_ROWS = 9, 8
+# BOX averages every source pixel into its cell, so a resized, re-encoded or noisy copy lands on nearly the same
+# thumbnail; NEAREST would sample one pixel per cell and flip bits on JPEG noise and watermarks.
+DHASH_RESAMPLE = Image.Resampling.BOX
+# JPEGs are decoded at the smallest DCT scale (1/2 .. 1/8) that keeps both sides at least this large. Smaller
+# drafts are faster but let a copy and its resized copy decode at different scales whose thumbnails drift apart
+# (64 px: up to 5 bits on 5/8-size copies of generated scenes; 96 px: 3, as with no draft).
+DHASH_DRAFT = (96, 96)
 
 
 def embedded_folder(p: DataParams, cache_root: Path) -> Path:
@@ -55,17 +68,96 @@ def load_source(p: DataParams, cache_root: Path) -> Any:
     return _standardise(ds)
 
 
-def content_hashes(ds: Any) -> list[str]:
-    """sha256 of each image's encoded bytes (file content), without decoding pixels."""
+def _encoded_images(ds: Any) -> Iterator[bytes]:
+    """Each image's encoded bytes (file content), without decoding pixels."""
     from datasets import Image as ImageFeature
 
     raw = ds.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
-    hashes = []
     for batch in raw.iter(batch_size=512):
         for item in batch["image"]:
-            data = item.get("bytes") or Path(item["path"]).read_bytes()
-            hashes.append(hashlib.sha256(data).hexdigest())
-    return hashes
+            yield item.get("bytes") or Path(item["path"]).read_bytes()
+
+
+def content_hashes(ds: Any) -> list[str]:
+    """sha256 of each image's encoded bytes (file content), without decoding pixels."""
+    return [hashlib.sha256(data).hexdigest() for data in _encoded_images(ds)]
+
+
+def dhash(img: Image.Image) -> int:
+    """64-bit difference hash: one bit per horizontally adjacent pair of a 9x8 grey thumbnail, set where the
+    right pixel is brighter; row-major, first bit most significant."""
+    # JPEG: decode only the luma channel, at a reduced DCT scale, inside the decoder; a no-op for other formats.
+    img.draft("L", DHASH_DRAFT)
+    if img.mode not in ("L", "RGB"):
+        from lib.transforms import to_rgb
+
+        img = to_rgb(img)  # transparency on white, 16-bit scaled, as the model sees the image
+    grey = np.asarray(img.convert("L").resize((DHASH_COLS, DHASH_ROWS), DHASH_RESAMPLE), dtype=np.int16)
+    return int.from_bytes(np.packbits(grey[:, 1:] > grey[:, :-1]).tobytes(), "big")
+
+
+def image_dhashes(ds: Any) -> np.ndarray:
+    """dHash of each image of a dataset, as uint64."""
+    hashes = (dhash(Image.open(io.BytesIO(data))) for data in _encoded_images(ds))
+    return np.fromiter(hashes, dtype=np.uint64, count=len(ds))
+
+
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def popcount64(x: np.ndarray) -> np.ndarray:
+    """Number of set bits of each uint64, as uint8."""
+    x = np.ascontiguousarray(x, dtype=np.uint64)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x)
+    return _BYTE_BITS[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+def near_pairs(hashes: np.ndarray, max_distance: int, block_elems: int = 1 << 22) -> np.ndarray:
+    """All index pairs (i < j) whose hashes differ in at most max_distance bits, as an (n_pairs, 2) array.
+
+    Every pair is compared, in row blocks of about block_elems XORs (32 MiB) against the rows at and after the
+    block, so each pair is seen once and memory stays flat: 12,600 hashes are 79 M comparisons."""
+    h = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(h)
+    rows = max(1, block_elems // max(n, 1))
+    found = [np.empty((0, 2), dtype=np.int64)]
+    for start in range(0, n, rows):
+        dist = popcount64(h[start : start + rows, None] ^ h[None, start:])
+        i, j = np.nonzero(dist <= max_distance)
+        upper = j > i  # both offsets are relative to start: j > i is the upper triangle, diagonal excluded
+        found.append(np.stack([i[upper], j[upper]], axis=1).astype(np.int64) + start)
+    return np.concatenate(found)
+
+
+def connected_groups(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Group id of each of n items after joining every pair (transitively); the id is the group's lowest index."""
+    groups = np.arange(n)
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    a, b = pairs[:, 0], pairs[:, 1]
+    while True:
+        # Union-find done as vectorised min-label propagation: both ends of a pair take the lower label, then
+        # every label jumps to its label's label (pointer jumping: long chains close in a few rounds). A group's
+        # lowest index keeps its own label, so at the fixed point (every pair agrees) a group carries it.
+        low = np.minimum(groups[a], groups[b])
+        new = groups.copy()
+        np.minimum.at(new, a, low)
+        np.minimum.at(new, b, low)
+        new = new[new]
+        if np.array_equal(new, groups):
+            return groups
+        groups = new
+
+
+def duplicate_groups(sha256: list[str], dhashes: np.ndarray | None, max_distance: int | None) -> tuple[np.ndarray, int]:
+    """Group ids joining byte-identical images and images whose dHashes are within max_distance bits; also the
+    number of near pairs. dhashes or max_distance None: byte-identical copies only."""
+    _, first, inverse = np.unique(np.asarray(sha256, dtype=str), return_index=True, return_inverse=True)
+    same = np.stack([np.arange(len(sha256)), first[inverse.reshape(-1)]], axis=1)  # each image to its first copy
+    near = np.empty((0, 2), dtype=np.int64)
+    if dhashes is not None and max_distance is not None:
+        near = near_pairs(dhashes, max_distance)
+    return connected_groups(len(sha256), np.concatenate([same, near])), len(near)
 
 
 def first_occurrences(hashes: list[str]) -> np.ndarray:
@@ -104,31 +196,177 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     return {"train": np.sort(train), "validation": np.sort(val), "test": np.sort(test)}
 
 
+def group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit of each image, majority label of each unit): units are the distinct groups, numbered in the order
+    of their first image; a tie between labels goes to the lower label index."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    _, first, unit = np.unique(groups, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    unit = rank[unit.reshape(-1)]
+    votes = np.zeros((len(first), int(labels.max()) + 1), dtype=np.int64)
+    np.add.at(votes, (unit, labels), 1)
+    return unit, votes.argmax(axis=1)
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """The split sizes stratified_split gives n images (scikit-learn rounds each held-out part up)."""
+    n_test = math.ceil(test_fraction * n)
+    n_val = math.ceil(val_fraction / (1 - test_fraction) * (n - n_test))
+    return {"train": n - n_test - n_val, "validation": n_val, "test": n_test}
+
+
+def _rebalance(
+    side: np.ndarray,
+    movable: np.ndarray,
+    labels: np.ndarray,
+    targets: np.ndarray,
+    fractions: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Move movable images (groups of one) from splits above their target size to splits below it, one at a time,
+    each time an image of the class most over-represented on the giving side and short on the receiving side."""
+    side = side.copy()
+    n_classes = int(labels.max()) + 1
+    want = np.outer(fractions, np.bincount(labels, minlength=n_classes))  # ideal count per (split, class)
+    have = np.zeros((len(SPLITS), n_classes), dtype=np.int64)
+    np.add.at(have, (side, labels), 1)
+    while True:
+        surplus = have.sum(axis=1) - targets
+        give, take = int(np.argmax(surplus)), int(np.argmin(surplus))
+        candidates = movable & (side == give)
+        if surplus[give] <= 0 or not candidates.any():
+            return side
+        score = (have[give] - want[give]) + (want[take] - have[take])
+        score[np.bincount(labels[candidates], minlength=n_classes) == 0] = -np.inf
+        cls = int(np.argmax(score))
+        pick = rng.choice(np.flatnonzero(candidates & (labels == cls)))
+        side[pick] = take
+        have[give, cls] -= 1
+        have[take, cls] += 1
+
+
+def group_split(
+    labels: np.ndarray, groups: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Seeded stratified split that never separates a group.
+
+    Groups are the units of stratified_split, each labelled by its majority label; then, since a unit of several
+    images moves a split's size by more than one, single images are moved between splits until the sizes are the
+    ones stratified_split would give (split_sizes). With every image in a group of its own nothing moves and the
+    result is exactly stratified_split(labels, ...)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < 3:
+        raise ValueError("every class needs at least 3 images for a train/validation/test split")
+    unit, unit_label = group_labels(labels, groups)
+    per_class = np.bincount(unit_label, minlength=len(counts))
+    short = [int(c) for c in np.flatnonzero(counts) if per_class[c] < 3]
+    if short:
+        raise ValueError(
+            f"class(es) {short} have fewer than 3 groups of near-duplicate images (groups counted by majority "
+            "label): every class needs at least 3 groups for a train/validation/test split; lower or disable "
+            "data.near_duplicate_distance, or add images"
+        )
+    parts = stratified_split(unit_label, val_fraction, test_fraction, seed)
+    unit_side = np.empty(len(unit_label), dtype=np.int64)
+    for k, name in enumerate(SPLITS):
+        unit_side[parts[name]] = k
+    sizes = split_sizes(len(labels), val_fraction, test_fraction)
+    targets = np.array([sizes[name] for name in SPLITS])
+    fractions = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
+    movable = np.bincount(unit)[unit] == 1
+    side = _rebalance(unit_side[unit], movable, labels, targets, fractions, np.random.default_rng(seed))
+    return {name: np.flatnonzero(side == k) for k, name in enumerate(SPLITS)}
+
+
+def exact_duplicate_report(sha256: list[str], labels: np.ndarray, names: list[str]) -> dict:
+    """Groups of byte-identical images among all loaded ones: how many, how many extra copies, which carry
+    different labels (each with its copies' labels in load order; the first copy is the one dedup keeps)."""
+    members: dict[str, list[int]] = {}
+    for i, h in enumerate(sha256):
+        members.setdefault(h, []).append(i)
+    groups = [m for m in members.values() if len(m) > 1]
+    mixed = [
+        {"sha256": sha256[m[0]], "labels": [names[labels[i]] for i in m]}
+        for m in groups
+        if len({int(labels[i]) for i in m}) > 1
+    ]
+    return {"groups": len(groups), "copies": sum(len(m) - 1 for m in groups), "mixed_label": mixed}
+
+
+def near_duplicate_report(
+    groups: np.ndarray, sha256: list[str], labels: np.ndarray, names: list[str], parts: dict[str, np.ndarray]
+) -> dict:
+    """Groups holding at least two different files (near-duplicates, possibly with byte copies of them): how many,
+    how many images they hold, the largest, and which carry different labels (with their split)."""
+    split_of = np.empty(len(groups), dtype=object)
+    for name in SPLITS:
+        split_of[parts[name]] = name
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(np.asarray(groups).tolist()):
+        members.setdefault(g, []).append(i)
+    near = [m for m in members.values() if len({sha256[i] for i in m}) > 1]
+    mixed = [
+        {"sha256": [sha256[i] for i in m], "labels": [names[labels[i]] for i in m], "split": split_of[m[0]]}
+        for m in near
+        if len({int(labels[i]) for i in m}) > 1
+    ]
+    return {
+        "groups": len(near),
+        "images": sum(len(m) for m in near),
+        "largest": max((len(m) for m in near), default=0),
+        "mixed_label": mixed,
+    }
+
+
 def prepare(p: DataParams, out_dir: Path, cache_root: Path) -> tuple[Any, dict]:
-    """Load, de-duplicate, cap, split and save the dataset under out_dir; return (DatasetDict, summary)."""
+    """Load, de-duplicate, cap, group near-duplicates, split and save the dataset under out_dir; return
+    (DatasetDict, summary)."""
     from datasets import DatasetDict
 
     ds = load_source(p, cache_root)
     hashes = content_hashes(ds)
     ds = ds.add_column("sha256", hashes)
     n_loaded = len(ds)
+    names = class_names(ds)
+    exact = exact_duplicate_report(hashes, np.asarray(ds["label"]), names)
     if p.dedup:
         ds = ds.select(first_occurrences(hashes))
     labels = np.asarray(ds["label"])
     ds = ds.select(cap_per_class(labels, p.max_per_class, p.seed))
-    parts = stratified_split(np.asarray(ds["label"]), p.val_fraction, p.test_fraction, p.seed)
+    labels, kept = np.asarray(ds["label"]), ds["sha256"]
+    # Hashed after the cap: only the images that get split can leak, and a capped run decodes fewer images.
+    dhashes = image_dhashes(ds) if p.near_duplicate_distance is not None else None
+    groups, n_pairs = duplicate_groups(kept, dhashes, p.near_duplicate_distance)
+    parts = group_split(labels, groups, p.val_fraction, p.test_fraction, p.seed)
+    near = near_duplicate_report(groups, kept, labels, names, parts)
     dd = DatasetDict({name: ds.select(parts[name]) for name in SPLITS})
     out_dir.mkdir(parents=True, exist_ok=True)
     dd.save_to_disk(str(out_dir))
-    names = class_names(dd["train"])
     summary = {
         "source": p.source if p.source != "hub" else f"hub:{p.hub_id}[{p.hub_split}]",
         "loaded": n_loaded,
-        "duplicates_dropped": n_loaded - len(set(hashes)) if p.dedup else 0,
+        "duplicates_dropped": exact["copies"] if p.dedup else 0,
         "class_names": names,
         "split_sizes": {name: len(dd[name]) for name in SPLITS},
         "per_class": {
             name: np.bincount(np.asarray(dd[name]["label"]), minlength=len(names)).tolist() for name in SPLITS
+        },
+        # Exact counts are over all loaded images, near counts over the images that were split. A near group whose
+        # images carry different labels is kept whole on one side, not dropped; an exact one keeps its first copy
+        # like any exact group. Both kinds are listed.
+        "duplicates": {
+            "exact_groups": exact["groups"],
+            "exact_copies_dropped": exact["copies"] if p.dedup else 0,
+            "exact_mixed_label_groups": len(exact["mixed_label"]),
+            "near_duplicate_distance": p.near_duplicate_distance,
+            "near_pairs": n_pairs,
+            "near_groups": near["groups"],
+            "near_group_images": near["images"],
+            "largest_near_group": near["largest"],
+            "near_mixed_label_groups": len(near["mixed_label"]),
+            "mixed_label_groups": {"exact": exact["mixed_label"], "near": near["mixed_label"]},
         },
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -161,13 +399,47 @@ def class_table(dd: Any) -> Any:
     return table
 
 
+def duplicate_table(summary: dict) -> Any:
+    """The duplicate counts of a prepare() summary as a one-column pandas DataFrame."""
+    import pandas as pd
+
+    dup = summary["duplicates"]
+    distance = dup["near_duplicate_distance"]
+    rows = {
+        "exact duplicate groups (same sha256)": dup["exact_groups"],
+        "exact copies dropped": dup["exact_copies_dropped"],
+        "exact groups with mixed labels": dup["exact_mixed_label_groups"],
+        "near-duplicate distance (dHash bits)": "off" if distance is None else distance,
+        "near pairs within that distance": dup["near_pairs"],
+        "near-duplicate groups (kept, one split each)": dup["near_groups"],
+        "images in near-duplicate groups": dup["near_group_images"],
+        "largest near-duplicate group": dup["largest_near_group"],
+        "near groups with mixed labels": dup["near_mixed_label_groups"],
+    }
+    return pd.DataFrame({"count": rows})
+
+
+def mixed_label_table(summary: dict) -> Any:
+    """One row per duplicate group whose images carry different labels: kind, labels, split (near groups)."""
+    import pandas as pd
+
+    groups = summary["duplicates"]["mixed_label_groups"]
+    rows = [
+        {"kind": kind, "images": len(g["labels"]), "labels": ", ".join(g["labels"]), "split": g.get("split", "")}
+        for kind in ("exact", "near")
+        for g in groups[kind]
+    ]
+    return pd.DataFrame(rows, columns=["kind", "images", "labels", "split"])
+
+
 def train_batch_transform(spec: ImageSpec, augment: dict) -> Callable[[dict], dict]:
     """A with_transform function applying random augmentation (for the train split only)."""
     import torch
 
     def apply(batch: dict) -> dict:
+        # torch seeds each DataLoader worker differently, but every DDP rank alike: the rank keeps ranks apart.
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([seed, int(os.environ.get("RANK", 0))])
         pixels = np.stack([train_transform(im, spec, rng, **augment) for im in batch["image"]])
         return {"pixel_values": torch.from_numpy(pixels), "labels": torch.as_tensor(batch["label"])}
 

@@ -265,8 +265,9 @@ def check_exports(
     batch_size: int = 32,
     latency_images: int = 12,
     threads: int | None = None,
-) -> dict:
-    """Logits of PyTorch (fp32) and each ONNX file on a split: agreement, accuracy, delta, size, latency per image."""
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """PyTorch (fp32) and each ONNX file on a split: agreement, accuracy, delta, size, latency per image; and the
+    logits of each variant on the split (for the served variant's calibration)."""
     from lib.model import load_model
     from lib.predict import dataset_logits
 
@@ -278,6 +279,7 @@ def check_exports(
     torch_pred = Predictor(torch_runner(model, "cpu"), labels, spec, temperature, "torch", str(model_dir / "model.safetensors"))
     timing = dataset_images(ds, 0, min(latency_images, len(ds)))
     acc_ref = accuracy(ref, y)
+    kept = {"torch": ref}
     rows = {"torch": {"file": "model/model.safetensors", "size_mib": size_mib(model_dir / "model.safetensors"),
                       "agreement": 1.0, "accuracy": acc_ref, "accuracy_drop": 0.0,
                       "latency_ms": latency_ms(torch_pred, timing)}}
@@ -287,6 +289,7 @@ def check_exports(
             continue
         pred = Predictor(onnx_runner(onnx_session(path, threads)), labels, spec, temperature, "onnx", str(path))
         logits = predictor_logits(pred, ds, batch_size)
+        kept[variant] = logits
         acc = accuracy(logits, y)
         rows[variant] = {
             "file": name,
@@ -297,7 +300,19 @@ def check_exports(
             "max_abs_logit_diff": float(np.max(np.abs(logits - ref))) if len(ref) else float("nan"),
             "latency_ms": latency_ms(pred, timing),
         }
-    return {"test_images": int(len(ds)), "variants": rows}
+    return {"test_images": int(len(ds)), "variants": rows}, kept
+
+
+def served_calibration(model_dir: Path, path: Path, val: Any, test: Any, test_logits: np.ndarray, p: Params) -> dict:
+    """Temperature fitted on the served ONNX file's single-view validation logits, with its test accuracy and ECE."""
+    from lib.calibration import served_calibration as describe
+
+    fit = p.evaluate.calibrate and len(val) > 0
+    val_logits = np.zeros((0, test_logits.shape[1]), np.float32)
+    if fit:
+        pred = Predictor(onnx_runner(onnx_session(path)), read_labels(model_dir), load_spec(model_dir), 1.0, "onnx", str(path))
+        val_logits = predictor_logits(pred, val, p.evaluate.batch_size)
+    return describe(val_logits, np.asarray(val["label"]), test_logits, np.asarray(test["label"]), fit=fit)
 
 
 def calibration_pixels(ds: Any, spec: ImageSpec, n: int = 64) -> np.ndarray:
@@ -318,7 +333,7 @@ def run_export(p: Params, out: Path) -> dict:
     dd = load_splits(out / "data")
     calibration = calibration_pixels(dd["validation"], load_spec(model_dir)) if ep.quantize == "static" else None
     info = export_model(model_dir, export_dir, ep.opset, ep.quantize, calibration)
-    check = check_exports(model_dir, export_dir, dd["test"], batch_size=p.evaluate.batch_size)
+    check, test_logits = check_exports(model_dir, export_dir, dd["test"], batch_size=p.evaluate.batch_size)
     rows = check["variants"]
     fp32 = rows["fp32"]
     if len(dd["test"]) and fp32["agreement"] < ep.min_agreement:
@@ -329,7 +344,9 @@ def run_export(p: Params, out: Path) -> dict:
     file, reason = choose_serving(
         int8["agreement"] if int8 else None, int8["accuracy_drop"] if int8 else None, ep.min_agreement, ep.max_accuracy_drop
     )
-    chosen = rows["int8" if file == INT8_FILE else "fp32"]
+    variant = "int8" if file == INT8_FILE else "fp32"
+    chosen = rows[variant]
+    served = served_calibration(model_dir, export_dir / file, dd["validation"], dd["test"], test_logits[variant], p)
     serving = {
         "file": file,
         "reason": reason,
@@ -344,9 +361,11 @@ def run_export(p: Params, out: Path) -> dict:
         "opset": ep.opset,
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
+        "temperature": served["temperature"],
     }
     result = {**info, **check, "serving": serving}
-    update_metrics(out / "metrics.json", {"export": result})
+    update_metrics(out / "metrics.json", {"export": result, "served": {"backend": "onnx", "variant": variant,
+                                                                         "file": f"{EXPORT_DIR}/{file}", **served}})
     (export_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2))
     return result
 

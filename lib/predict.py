@@ -29,8 +29,13 @@ def dataset_logits(
     device: str | None = None,
     tta_flip: bool = False,
     precision: str = "auto",
+    per_view: bool = False,
 ) -> np.ndarray:
-    """Logits (N, C) for a split: batched DataLoader, inference_mode, bf16/fp16 autocast on GPU (precision="fp32" disables it)."""
+    """Logits (N, C) for a split: batched DataLoader, inference_mode, bf16/fp16 autocast on GPU (precision="fp32" disables it).
+
+    tta_flip averages the logits of each image and its mirror. per_view returns (N, V, C) instead: view 0 the
+    image as served, view 1 its mirror when tta_flip, so one pass gives both the TTA and the served logits.
+    """
     import torch
     from torch.utils.data import DataLoader
 
@@ -57,11 +62,12 @@ def dataset_logits(
             if tta_flip:
                 # one forward pass over the batch and its mirror keeps the GPU busier than two
                 both = model(pixel_values=torch.cat([pixels, pixels.flip(-1)])).logits.float()
-                logits = (both[: len(pixels)] + both[len(pixels) :]) / 2
+                views = torch.stack([both[: len(pixels)], both[len(pixels) :]], dim=1)
             else:
-                logits = model(pixel_values=pixels).logits.float()
-            out.append(logits.cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.num_labels), np.float32)
+                views = model(pixel_values=pixels).logits.float()[:, None]
+            out.append(views.cpu().numpy())
+    views = np.concatenate(out) if out else np.zeros((0, 2 if tta_flip else 1, model.config.num_labels), np.float32)
+    return views if per_view else views.mean(axis=1)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -138,9 +144,16 @@ def read_labels(model_dir: Path) -> list[str]:
 
 
 def read_temperature(model_dir: Path) -> float:
-    """The stored calibration temperature (calibration.json), 1.0 if none (plain json)."""
+    """The PyTorch model's temperature (calibration.json, fitted on its single-view logits), 1.0 if none (plain json)."""
     path = Path(model_dir) / "calibration.json"
     return float(json.loads(path.read_text())["temperature"]) if path.is_file() else 1.0
+
+
+def serving_temperature(root: Path, serving: dict | None) -> float:
+    """The temperature fitted on the served ONNX file's own logits (serving.json), else model/calibration.json."""
+    if serving is not None and "temperature" in serving:
+        return float(serving["temperature"])
+    return read_temperature(model_folder(root))
 
 
 def read_serving(root: Path) -> dict | None:
@@ -211,7 +224,7 @@ def load_predictor(root: Path, backend: str = "auto", device: str = "cpu", threa
         if not path.is_file():
             raise FileNotFoundError(f"{SERVING_FILE} names {serving['file']} but {path} is missing")
         run = onnx_runner(onnx_session(path, threads))
-        return Predictor(run, labels, spec, temperature, "onnx", str(path))
+        return Predictor(run, labels, spec, serving_temperature(root, serving), "onnx", str(path))
     import torch
 
     from lib.model import load_model

@@ -557,6 +557,11 @@ def model_card(
     for key in ("loaded", "duplicates_dropped"):
         if key in info:
             rows.append((key.replace("_", " "), info[key]))
+    dup = info.get("duplicates") if isinstance(info.get("duplicates"), dict) else {}
+    for key in ("exact_groups", "near_duplicate_distance", "near_groups", "near_group_images",
+                "exact_mixed_label_groups", "near_mixed_label_groups"):
+        if key in dup:  # near-duplicate groups are kept, each whole on one side of the split
+            rows.append((key.replace("_", " "), "off" if dup[key] is None else dup[key]))
     sizes = info.get("split_sizes") or {}
     rows += [(f"{name} images", n) for name, n in sizes.items()]
     if not sizes and "n_test" in metrics:
@@ -602,6 +607,15 @@ def model_card(
     lines += _table(rows, ("setting", "value"))
 
     lines += ["", "## Metrics (test split)", ""]
+    served = metrics.get("served") if isinstance(metrics.get("served"), dict) else {}
+    if served:
+        lines += [
+            f"What is served: `{served.get('file')}` ({served.get('backend')}, {served.get('variant')}, one view, "
+            f"temperature {_fmt(served.get('temperature'), True)} fitted on its own validation logits): accuracy "
+            f"{_fmt(served.get('accuracy'), True)}, expected calibration error {_fmt(served.get('ece'), True)}. "
+            "The table below is the trained PyTorch model as evaluated (with flip averaging when `tta_flip` is on).",
+            "",
+        ]
     lines += _table(metrics_summary(metrics).items(), ("metric", "value"), fixed=True)
     if per_class:
         lines += ["", "## Per class", ""]
@@ -614,7 +628,7 @@ def model_card(
             ("class", "precision", "recall", "f1", "support"),
             fixed=True,
         )
-    for section in ("calibration", "export"):
+    for section in ("served", "calibration", "export"):
         if isinstance(metrics.get(section), dict) and metrics[section]:
             lines += ["", f"## {section.capitalize()}", ""]
             lines += _table(_flat_scalars(metrics[section]).items(), ("item", "value"), fixed=True)

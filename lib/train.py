@@ -28,22 +28,34 @@ def device_precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not cuda}
 
 
-def soft_cross_entropy(logits: Any, targets: Any, label_smoothing: float = 0.0) -> Any:
-    """Mean cross-entropy against int class ids or soft (mixed) target distributions, with label smoothing."""
+def soft_cross_entropy(logits: Any, targets: Any, label_smoothing: float = 0.0, reduction: str = "mean") -> Any:
+    """Cross-entropy against int class ids or soft (mixed) target distributions, with label smoothing.
+
+    reduction: "mean" or "sum" over the batch.
+    """
     import torch
 
     n = logits.shape[-1]
     if targets.dtype in (torch.long, torch.int32, torch.int64):
         targets = torch.nn.functional.one_hot(targets.long(), n).to(logits.dtype)
     targets = targets * (1 - label_smoothing) + label_smoothing / n
-    return -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    losses = -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 def loss_function(label_smoothing: float) -> Callable:
-    """A Trainer compute_loss_func using soft_cross_entropy."""
+    """A Trainer compute_loss_func: the summed cross-entropy divided by the Trainer's example count.
+
+    The Trainer counts `num_items_in_batch` over the whole step (all gradient-accumulation micro-batches, and
+    all processes when `average_tokens_across_devices` is on, the default), then multiplies our loss by the
+    number of processes because DDP averages gradients. Sum / global count is therefore the mean over the
+    global batch, the same with 1 or N processes. A per-batch mean here would come out N times too large.
+    """
 
     def compute(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-        return soft_cross_entropy(outputs.logits, labels, label_smoothing)
+        if num_items_in_batch is None:  # evaluation without a count, or a model the Trainer does not count for
+            return soft_cross_entropy(outputs.logits, labels, label_smoothing)
+        return soft_cross_entropy(outputs.logits, labels, label_smoothing, reduction="sum") / num_items_in_batch
 
     return compute
 
@@ -58,7 +70,7 @@ def mix_batch(batch: dict, num_labels: int, mixup_alpha: float, cutmix_alpha: fl
         return batch
     mode = modes[int(rng.integers(len(modes)))]
     lam = float(rng.beta(*(2 * [mixup_alpha if mode == "mixup" else cutmix_alpha])))
-    perm = torch.from_numpy(rng.permutation(len(labels)))
+    perm = torch.from_numpy(rng.permutation(len(labels))).to(pixels.device)
     if mode == "mixup":
         pixels = lam * pixels + (1 - lam) * pixels[perm]
     else:
@@ -73,16 +85,56 @@ def mix_batch(batch: dict, num_labels: int, mixup_alpha: float, cutmix_alpha: fl
     return {"pixel_values": pixels, "labels": lam * onehot + (1 - lam) * onehot[perm]}
 
 
-def train_collator(num_labels: int, tp: TrainParams, seed: int) -> Callable[[list[dict]], dict]:
-    """Collate function for training: stacks examples, then mixes when mixup/cutmix is on."""
-    from lib.data import collate
+def batch_mixer(num_labels: int, tp: TrainParams, seed: int) -> Callable[[dict], dict] | None:
+    """mix_batch bound to the recipe and to a generator of this process's own (seed, rank); None when off.
 
-    rng = np.random.default_rng(seed + int(os.environ.get("RANK", 0)))
+    It runs in the training process, on the device, just before the forward pass (as timm does), not in the
+    DataLoader's collate function: there every worker would copy one generator and draw the same mixing
+    sequence, the Trainer would mix evaluation batches too (it collates them with the same function), and
+    soft labels would spoil the Trainer's count of examples per batch.
+    """
+    if tp.mixup_alpha <= 0 and tp.cutmix_alpha <= 0:
+        return None
+    rng = np.random.default_rng([seed, int(os.environ.get("RANK", 0))])
 
-    def apply(examples: list[dict]) -> dict:
-        return mix_batch(collate(examples), num_labels, tp.mixup_alpha, tp.cutmix_alpha, rng)
+    def apply(batch: dict) -> dict:
+        return mix_batch(batch, num_labels, tp.mixup_alpha, tp.cutmix_alpha, rng)
 
-    return apply if (tp.mixup_alpha > 0 or tp.cutmix_alpha > 0) else collate
+    return apply
+
+
+def recipe_trainer_class() -> type:
+    """A Trainer subclass whose training batches (and only those) pass through `self.mixer` before the loss."""
+    from transformers import Trainer
+
+    class RecipeTrainer(Trainer):
+        mixer: Callable[[dict], dict] | None = None
+
+        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
+            # Evaluation runs with model.eval(): validation batches keep their integer labels and pixels.
+            if self.mixer is not None and model.training:
+                inputs = self.mixer(inputs)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        # The Trainer reloads checkpoints with a raw load_state_dict, but save_pretrained writes the checkpoint
+        # in the original Hub key layout (ViT: vit.encoder.layer.N...), which the live model (vit.layers.N...) does
+        # not match: every encoder weight was reported "missing" and silently kept its last-epoch (or, on resume,
+        # freshly initialised) value. from_pretrained knows the mapping.
+        def _load_best_model(self) -> None:
+            load_checkpoint_weights(self.model, self.state.best_model_checkpoint)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            load_checkpoint_weights(model or self.model, resume_from_checkpoint)
+
+    return RecipeTrainer
+
+
+def load_checkpoint_weights(model: Any, folder: str | Path) -> None:
+    """Copy the weights of a Trainer checkpoint folder into model, through from_pretrained's key mapping."""
+    saved = type(model).from_pretrained(str(folder), config=model.config)
+    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def layer_id(name: str, n_layers: int) -> int:
@@ -138,7 +190,8 @@ def training_arguments(tp: TrainParams, out: Path, seed: int) -> Any:
         gradient_accumulation_steps=tp.grad_accum,
         learning_rate=tp.learning_rate,
         weight_decay=tp.weight_decay,
-        warmup_steps=tp.warmup_ratio,
+        max_steps=tp.max_steps or -1,  # -1: train for num_train_epochs
+        warmup_steps=tp.warmup_ratio,  # transformers 5 reads a float below 1 as a share of all steps
         lr_scheduler_type=tp.lr_scheduler,
         eval_strategy="epoch",
         save_strategy="epoch",
@@ -167,10 +220,30 @@ def last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def build_trainer(params: Params, model: Any, train_ds: Any, eval_ds: Any, out: Path, optimizer: Any = None) -> Any:
+    """The recipe's Trainer over already transformed datasets (AdamW with param_groups unless given an optimizer)."""
+    import torch
+
+    from lib.data import collate
+
+    tp = params.train
+    trainer = recipe_trainer_class()(
+        model=model,
+        args=training_arguments(tp, out, params.run.seed),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collate,
+        compute_loss_func=loss_function(tp.label_smoothing),
+        compute_metrics=accuracy_metric,
+        optimizers=(optimizer or torch.optim.AdamW(param_groups(model, tp), lr=tp.learning_rate), None),
+    )
+    trainer.mixer = batch_mixer(model.config.num_labels, tp, params.run.seed)
+    return trainer
+
+
 def train(params: Params, out: Path) -> dict:
     """Train on the prepared splits; save the best model to out/model and the history; return a summary."""
     import torch
-    from transformers import Trainer
 
     from lib.data import class_names, eval_batch_transform, load_splits, train_batch_transform
     from lib.model import build_model, count_parameters, save_model
@@ -181,19 +254,9 @@ def train(params: Params, out: Path) -> dict:
     splits = load_splits(out / "data")
     labels = class_names(splits["train"])
     model, processor, spec = build_model(params.model, labels)
-    args = training_arguments(tp, out, params.run.seed)
-    optimizer = torch.optim.AdamW(param_groups(model, tp), lr=tp.learning_rate)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=splits["train"].with_transform(train_batch_transform(spec, tp.augment.model_dump())),
-        eval_dataset=splits["validation"].with_transform(eval_batch_transform(spec)),
-        data_collator=train_collator(len(labels), tp, params.run.seed),
-        compute_loss_func=loss_function(tp.label_smoothing),
-        compute_metrics=accuracy_metric,
-        optimizers=(optimizer, None),
-    )
-    trainer.loss_is_scaled_for_ga = False
+    train_ds = splits["train"].with_transform(train_batch_transform(spec, tp.augment.model_dump()))
+    trainer = build_trainer(params, model, train_ds, splits["validation"].with_transform(eval_batch_transform(spec)), out)
+    args = trainer.args
     resume = last_checkpoint(out) if tp.resume else None
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -203,6 +266,8 @@ def train(params: Params, out: Path) -> dict:
         "train_runtime_s": round(runtime, 1),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "epochs": tp.epochs,
+        "max_steps": tp.max_steps,
+        "global_steps": trainer.state.global_step,
         "best_val_accuracy": trainer.state.best_metric,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "resumed_from": resume,

@@ -51,7 +51,9 @@ def make_run(run_dir: Path) -> Path:
     model, processor, spec = build_model(params.model, list(CLASS_NAMES))
     save_model(model, processor, spec, run_dir / "model")
     save_params(params, run_dir / "params.yaml")
-    (run_dir / "metrics.json").write_text(json.dumps({"accuracy": 0.8125, "f1_macro": 0.8, "f1_weighted": 0.81, "n_test": 64}))
+    served = {"backend": "onnx", "variant": "int8", "file": "export/model.int8.onnx", "accuracy": 0.7969, "ece": 0.0412}
+    metrics = {"accuracy": 0.8125, "f1_macro": 0.8, "f1_weighted": 0.81, "n_test": 64, "served": served}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
     Image.new("RGB", (32, 32), (240, 240, 240)).save(run_dir / "confusion_matrix.png")
     export_run(run_dir, params)
     return run_dir
@@ -324,6 +326,7 @@ def test_page_shows_model_and_no_source(page, server: str):
     assert info.get_attribute("data-model") == MODEL_NAME
     assert info.get_attribute("data-version")
     assert "accuracy 0.812" in info.inner_text()
+    assert "As served int8 (model.int8.onnx): accuracy 0.797 · calibration error 0.041" in info.inner_text()
     content = page.content()
     for leak in ("from lib.dashboard import main", "params_file =", "main(params_file", "Traceback"):
         assert leak not in content

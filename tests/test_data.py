@@ -1,10 +1,14 @@
-"""Data: de-duplication, stratified seeded splits with no duplicate straddling splits, label column names."""
+"""Data: de-duplication, near-duplicate grouping (dHash), stratified seeded splits with no duplicate or near
+duplicate straddling splits, label column names."""
 
+import hashlib
+import io
+import json
 import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from lib import data
 from lib.params import DataParams
@@ -70,8 +74,232 @@ def test_prepare_drops_duplicates_so_none_straddle_splits(tmp_path):
 def test_prepare_without_dedup_keeps_copies(tmp_path):
     folder = image_folder(tmp_path / "images")
     p = DataParams(source="imagefolder", path=str(folder), dedup=False, val_fraction=0.2, test_fraction=0.2)
-    _, summary = data.prepare(p, tmp_path / "out", cache_root=tmp_path / "cache")
+    dd, summary = data.prepare(p, tmp_path / "out", cache_root=tmp_path / "cache")
     assert summary["duplicates_dropped"] == 0 and sum(summary["split_sizes"].values()) == 39
+    assert (summary["duplicates"]["exact_groups"], summary["duplicates"]["exact_copies_dropped"]) == (9, 0)
+    sides = {}
+    for s in data.SPLITS:
+        for h in dd[s]["sha256"]:
+            sides.setdefault(h, set()).add(s)
+    assert len(sides) == 30 and all(len(v) == 1 for v in sides.values())  # kept copies share a split
+
+
+# --------------------------------------------------------------------------------------- near-duplicates
+
+
+def scene(seed, size=(160, 120)):
+    """A smooth random 'photo': a coarse random colour field upscaled bicubically, plus pixel noise."""
+    rng = np.random.default_rng([7, seed])
+    coarse = rng.integers(20, 200, (8, 10, 3), dtype=np.uint8)
+    arr = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+    arr = arr + rng.integers(-12, 13, (size[1], size[0], 1))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def encoded(img, edit="original"):
+    """The JPEG bytes of img after an edit: original (quality 95), requality (30), resized (5/8 size),
+    brighter (+30 on every channel) or watermark (white text in a corner)."""
+    w, h = img.size
+    quality = {"original": 95, "requality": 30}.get(edit, 85)
+    if edit == "resized":
+        img = img.resize((w * 5 // 8, h * 5 // 8), Image.Resampling.LANCZOS)
+    elif edit == "brighter":
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + 30, 0, 255).astype(np.uint8))
+    elif edit == "watermark":
+        img = img.copy()
+        ImageDraw.Draw(img).text((w - 64, h - 14), "(c) stock", fill=(255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def dhash_of(data_bytes):
+    return data.dhash(Image.open(io.BytesIO(data_bytes)))
+
+
+def bits(a, b):
+    return bin(a ^ b).count("1")
+
+
+EDITS = ("requality", "resized", "brighter", "watermark")
+
+
+def test_dhash_bit_layout():
+    ramp = np.tile(np.arange(9, dtype=np.uint8) * 20, (8, 1))
+    assert data.dhash(Image.fromarray(ramp, "L")) == 2**64 - 1  # brighter to the right everywhere
+    assert data.dhash(Image.fromarray(ramp[:, ::-1].copy(), "L")) == 0
+    top_row_only = ramp[:, ::-1].copy()
+    top_row_only[0] = ramp[0]
+    assert data.dhash(Image.fromarray(top_row_only, "L")) == 0xFF << 56  # row-major, first bit most significant
+    last = np.full((8, 9), 100, dtype=np.uint8)
+    last[7, 8] = 101
+    assert data.dhash(Image.fromarray(last, "L")) == 1
+    img = scene(0)
+    opaque = img.convert("RGBA")
+    assert data.dhash(opaque) == data.dhash(img) == data.dhash(img.convert("L"))
+
+
+def test_dhash_is_stable_under_edits_and_far_for_unrelated_images():
+    limit = DataParams().near_duplicate_distance
+    bases = [scene(i, (w, h)) for i, (w, h) in enumerate([(160, 120), (320, 210), (275, 183), (200, 260), (400, 300)])]
+    hashes = [dhash_of(encoded(b)) for b in bases]
+    for b, h in zip(bases, hashes):
+        distances = {edit: bits(h, dhash_of(encoded(b, edit))) for edit in EDITS}
+        assert max(distances.values()) <= limit, distances
+    unrelated = [bits(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]]
+    assert min(unrelated) >= 12, unrelated
+
+
+def test_popcount_near_pairs_and_groups(monkeypatch):
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 2**63, 40, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 40).astype(np.uint64)
+    hashes[7] = hashes[3] ^ np.uint64(0b1011)  # 3 bits from hashes[3]
+    hashes[30] = hashes[7] ^ np.uint64(1 << 63)  # 1 bit from hashes[7], 4 from hashes[3]
+    expected = [bin(int(h)).count("1") for h in hashes]
+    assert data.popcount64(hashes).tolist() == expected
+    monkeypatch.delattr(np, "bitwise_count", raising=False)  # the numpy < 2 path: a byte table
+    assert data.popcount64(hashes).tolist() == expected
+    monkeypatch.undo()
+    brute = {(i, j) for i in range(40) for j in range(i + 1, 40) if bits(int(hashes[i]), int(hashes[j])) <= 3}
+    for block in (7, 40, 1 << 22):  # blocks of a few rows, exactly one row, everything at once
+        assert set(map(tuple, data.near_pairs(hashes, 3, block_elems=block).tolist())) == brute
+    assert {(3, 7), (7, 30)} <= brute and (3, 30) not in brute
+    groups = data.connected_groups(40, data.near_pairs(hashes, 3))
+    assert groups[3] == groups[7] == groups[30] == 3  # joined through 7, labelled by the lowest index
+    assert sorted(set(groups.tolist()) - {3}) == [i for i in range(40) if i not in (3, 7, 30)]
+    chain = data.connected_groups(8, np.array([[5, 6], [1, 5], [0, 2], [6, 3]]))
+    assert chain.tolist() == [0, 1, 0, 1, 4, 1, 1, 7]
+
+
+def test_group_split_keeps_groups_whole_with_the_usual_sizes():
+    rng = np.random.default_rng(5)
+    labels = np.repeat([0, 1, 2], [23, 31, 17])
+    rng.shuffle(labels)
+    groups = np.arange(len(labels))
+    for members in np.split(rng.permutation(len(labels))[:30], [3, 5, 9, 11, 14, 16, 20, 22, 25]):
+        groups[members] = members.min()  # ten groups of 2-5 images, some of them mixed-label
+    a = data.group_split(labels, groups, 0.15, 0.2, seed=3)
+    b = data.group_split(labels, groups, 0.15, 0.2, seed=3)
+    c = data.group_split(labels, groups, 0.15, 0.2, seed=4)
+    assert all(np.array_equal(a[s], b[s]) for s in data.SPLITS)
+    assert not np.array_equal(a["test"], c["test"])
+    assert sorted(np.concatenate([a[s] for s in data.SPLITS])) == list(range(len(labels)))
+    side = np.empty(len(labels), dtype=int)
+    for k, s in enumerate(data.SPLITS):
+        side[a[s]] = k
+    assert all(len(set(side[groups == g])) == 1 for g in np.unique(groups))
+    sizes = {s: len(a[s]) for s in data.SPLITS}
+    assert sizes == data.split_sizes(71, 0.15, 0.2) == {"train": 45, "validation": 11, "test": 15}
+    for k, frac in enumerate((0.65, 0.15, 0.2)):
+        per_class = np.bincount(labels[side == k], minlength=3)
+        assert (np.abs(per_class - frac * np.array([23, 31, 17])) <= 3).all(), (k, per_class)
+
+
+def test_group_split_without_groups_is_the_plain_stratified_split():
+    labels = np.repeat(np.arange(4), [9, 14, 11, 20])
+    for seed in (0, 1, 42):
+        plain = data.stratified_split(labels, 0.1, 0.25, seed)
+        grouped = data.group_split(labels, np.arange(len(labels)), 0.1, 0.25, seed)
+        assert all(np.array_equal(plain[s], grouped[s]) for s in data.SPLITS)
+
+
+def test_group_split_refuses_classes_with_too_few_images_or_groups():
+    labels = np.array([0] * 8 + [1] * 4)
+    with pytest.raises(ValueError, match="at least 3 images"):
+        data.group_split(labels[:10], np.arange(10), 0.2, 0.2, 0)
+    groups = np.arange(12)
+    groups[9] = 8  # class 1: four images in three groups: fine
+    assert sum(len(v) for v in data.group_split(labels, groups, 0.2, 0.2, 0).values()) == 12
+    groups[10] = 8  # now two groups
+    with pytest.raises(ValueError, match=r"\[1\] have fewer than 3 groups"):
+        data.group_split(labels, groups, 0.2, 0.2, 0)
+
+
+def near_duplicate_folder(root):
+    """Unrelated scenes (12, 14, 13 per class) plus edited copies, byte copies and cross-label copies.
+
+    Returns {group name: [file paths]} for the five near-duplicate groups and the two byte-copy pairs."""
+    counts = {"calling": 12, "clapping": 14, "cycling": 13}
+    files, seed = {}, 100
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            path = root / name / f"{i:03d}.jpg"
+            size = (int(140 + 17 * (seed % 9)), int(100 + 13 * (seed % 7)))
+            img = scene(seed, size)
+            path.write_bytes(encoded(img))
+            files[name, i] = (path, img)
+            seed += 1
+
+    def copy(name, i, edit, dest_class=None):
+        path, img = files[name, i]
+        out = root / (dest_class or name) / f"{path.stem}_{name}_{edit}.jpg"
+        out.write_bytes(path.read_bytes() if edit == "bytes" else encoded(img, edit))
+        return out
+
+    groups = {
+        "calling0": [files["calling", 0][0], copy("calling", 0, "requality"), copy("calling", 0, "resized")],
+        "calling1": [files["calling", 1][0], copy("calling", 1, "brighter")],
+        "clapping0": [files["clapping", 0][0]] + [copy("clapping", 0, e) for e in EDITS if e != "resized"],
+        "cycling0": [files["cycling", 0][0], copy("cycling", 0, "resized")],
+        "mixed_near": [files["calling", 2][0], copy("calling", 2, "resized", dest_class="clapping")],
+        "exact": [files["cycling", 1][0], copy("cycling", 1, "bytes")],
+        "mixed_exact": [files["clapping", 1][0], copy("clapping", 1, "bytes", dest_class="cycling")],
+    }
+    return groups
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_prepare_keeps_near_duplicate_groups_on_one_side(tmp_path):
+    groups = near_duplicate_folder(tmp_path / "images")
+    p = DataParams(source="imagefolder", path=str(tmp_path / "images"), val_fraction=0.15, test_fraction=0.25)
+    dd, summary = data.prepare(p, tmp_path / "out", cache_root=tmp_path / "cache")
+    split_of = {h: s for s in data.SPLITS for h in dd[s]["sha256"]}
+    for name, paths in groups.items():
+        assert len({split_of[sha(f)] for f in paths}) == 1, name
+    assert summary["loaded"] == 49 and summary["duplicates_dropped"] == 2
+    assert summary["split_sizes"] == data.split_sizes(47, 0.15, 0.25) == {"train": 28, "validation": 7, "test": 12}
+    assert sum(summary["per_class"]["train"]) == 28
+    dup = summary["duplicates"]
+    assert (dup["exact_groups"], dup["exact_copies_dropped"], dup["exact_mixed_label_groups"]) == (2, 2, 1)
+    assert sorted(dup["mixed_label_groups"]["exact"][0]["labels"]) == ["clapping", "cycling"]
+    assert dup["mixed_label_groups"]["exact"][0]["sha256"] == sha(groups["mixed_exact"][0])
+    # Five groups, 3 + 2 + 4 + 2 + 2 images: an unrelated image joining any of them would change these counts.
+    assert (dup["near_groups"], dup["near_group_images"], dup["largest_near_group"]) == (5, 13, 4)
+    assert dup["near_duplicate_distance"] == 4 and dup["near_pairs"] >= 8  # each copy is near its original
+    assert dup["near_mixed_label_groups"] == 1
+    (mixed,) = dup["mixed_label_groups"]["near"]
+    assert sorted(mixed["labels"]) == ["calling", "clapping"]
+    assert set(mixed["sha256"]) == {sha(f) for f in groups["mixed_near"]}
+    assert mixed["split"] == split_of[sha(groups["mixed_near"][0])]
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["duplicates"] == dup
+    table = data.duplicate_table(summary)
+    assert table.loc["near-duplicate groups (kept, one split each)", "count"] == 5
+    assert data.mixed_label_table(summary)["kind"].tolist() == ["exact", "near"]
+
+
+def test_prepare_without_near_grouping_is_the_old_split(tmp_path):
+    groups = near_duplicate_folder(tmp_path / "images")
+    common = dict(source="imagefolder", path=str(tmp_path / "images"), val_fraction=0.15, test_fraction=0.25)
+    dd, summary = data.prepare(DataParams(**common, near_duplicate_distance=None), tmp_path / "o", tmp_path / "c")
+    dup = summary["duplicates"]
+    assert (dup["near_duplicate_distance"], dup["near_pairs"], dup["near_groups"]) == (None, 0, 0)
+    assert dup["exact_groups"] == 2 and summary["duplicates_dropped"] == 2
+    # The same images split by plain stratification: what grouping has to fix does happen without it.
+    split_of = {h: s for s in data.SPLITS for h in dd[s]["sha256"]}
+    near = [n for n in groups if not n.endswith("exact")]
+    assert any(len({split_of[sha(f)] for f in groups[n]}) > 1 for n in near)
+    kept = data.load_source(DataParams(**common), tmp_path / "c")
+    hashes = data.content_hashes(kept)
+    labels = np.asarray(kept.select(data.first_occurrences(hashes))["label"])
+    plain = data.stratified_split(labels, 0.15, 0.25, 42)
+    assert {s: len(plain[s]) for s in data.SPLITS} == summary["split_sizes"]
+    order = [hashes[i] for i in data.first_occurrences(hashes)]
+    assert all([order[i] for i in plain[s]] == dd[s]["sha256"] for s in data.SPLITS)
 
 
 def test_hub_style_labels_column_is_renamed():

@@ -47,7 +47,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     from datasets import DatasetDict
 
     root = tmp_path_factory.mktemp("run")
-    DatasetDict({"train": tiny_split(15, 0), "validation": tiny_split(15, 1), "test": tiny_split(30, 2)}).save_to_disk(str(root / "data"))
+    DatasetDict({"train": tiny_split(17, 0), "validation": tiny_split(22, 1), "test": tiny_split(30, 2)}).save_to_disk(str(root / "data"))
     (root / "data" / "summary.json").write_text("{}")
     torch.manual_seed(0)
     model, processor, spec = build_model(ModelParams(), LABELS)
@@ -124,6 +124,28 @@ def test_predictor_serves_the_choice(exported: tuple[Path, dict]) -> None:
     root, result = exported
     pred = load_predictor(root, threads=1)
     assert pred.backend == "onnx" and Path(pred.model_file).name == result["serving"]["file"]
+
+
+def test_served_file_is_calibrated_on_its_own_logits(exported: tuple[Path, dict]) -> None:
+    """The predictor's temperature is fitted on the served ONNX file's single-view validation logits (not the PyTorch
+    model's T=1.5 from evaluate), and metrics.json reports that file's accuracy and ECE."""
+    from datasets import load_from_disk
+
+    from lib.calibration import expected_calibration_error, fit_temperature, softmax
+
+    root, result = exported
+    splits = load_from_disk(str(root / "data"))
+    pred = load_predictor(root, threads=1)
+    val_logits = pred.logits(list(splits["validation"]["image"]))
+    expected = fit_temperature(val_logits, np.asarray(splits["validation"]["label"]))
+    assert pred.temperature == pytest.approx(expected, rel=1e-4) and abs(pred.temperature - 1.5) > 1e-3
+    served = json.loads((root / "metrics.json").read_text())["served"]
+    assert served["file"] == f"export/{result['serving']['file']}" and served["backend"] == "onnx"
+    test_logits = pred.logits(list(splits["test"]["image"]))
+    y = np.asarray(splits["test"]["label"])
+    assert served["accuracy"] == pytest.approx(float(np.mean(test_logits.argmax(1) == y)))
+    assert served["ece"] == pytest.approx(expected_calibration_error(softmax(test_logits, pred.temperature), y), abs=1e-6)
+    assert (served["test_images"], served["validation_images"]) == (30, 22)
 
 
 def test_table(exported: tuple[Path, dict]) -> None:

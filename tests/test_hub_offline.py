@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 
-from hub_cache import HUB_DATASET_ID, HUB_MODEL_ID, write_dataset_cache, write_model_cache
-from lib.params import load_params
-from lib.params import ROOT
+from lib.hub_cache import HUB_DATASET_ID, HUB_MODEL_ID, write_dataset_cache, write_model_cache
+from lib.params import ROOT, load_params
 from lib.synthetic import CLASS_NAMES
 
 
@@ -15,7 +14,8 @@ def test_real_profile_prepares_and_trains_offline(tmp_path):
     profile = load_params(ROOT / "params" / "har_vit.yaml")
     assert (profile.data.hub_id, profile.model.name_or_path) == (HUB_DATASET_ID, HUB_MODEL_ID)
     write_model_cache(tmp_path / "hub")
-    write_dataset_cache(tmp_path / "datasets", per_class=10)
+    # 12 per class: a validation split of 18, not one image per class (15 hid the mixup crash on evaluation)
+    write_dataset_cache(tmp_path / "datasets", per_class=12)
     env = dict(
         os.environ,
         HF_HUB_CACHE=str(tmp_path / "hub"),
@@ -42,11 +42,13 @@ def test_real_profile_prepares_and_trains_offline(tmp_path):
     summary = json.loads((out / "data" / "summary.json").read_text())
     assert summary["source"] == f"hub:{HUB_DATASET_ID}[train]"
     assert summary["class_names"] == list(CLASS_NAMES)
-    assert summary["split_sizes"] == {"train": 105, "validation": 15, "test": 30}
+    assert summary["split_sizes"] == {"train": 126, "validation": 18, "test": 36}
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["id2label"]["0"] == "calling" and len(config["id2label"]) == 15
     assert config["hidden_size"] == 32  # the tiny model built in the cache, not a fresh default ViT
     train_summary = json.loads((out / "train_summary.json").read_text())
     assert train_summary["parameters"]["trainable"] == train_summary["parameters"]["total"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_test"] == 30 and metrics["tta_flip"] is True
+    assert metrics["n_test"] == 36 and metrics["tta_flip"] is True
+    history = json.loads((out / "train_history.json").read_text())
+    assert any("eval_accuracy" in h for h in history)  # validation ran after the mixed training epoch

@@ -15,6 +15,7 @@ from PIL import Image
 
 import lib.registry as registry
 from lib.params import ROOT, GateCondition, GateParams, Params, save_params
+from lib.pipeline import finish_stage
 from lib.registry import RegistryError, check_gate, list_versions, publish, pull
 
 CLASSES = ["calling", "clapping", "sitting"]
@@ -35,6 +36,8 @@ def write_metrics(run: Path, accuracy: float = 0.9, sitting_f1: float = 0.8) -> 
         "per_class": per_class,
         "n_test": 180,
         "calibration": {"ece": 0.03},
+        "served": {"backend": "onnx", "variant": "int8", "file": "export/model.int8.onnx", "temperature": 1.3,
+                   "accuracy": 0.8812, "ece": 0.0213},
     }
     (run / "metrics.json").write_text(json.dumps(metrics))
 
@@ -51,7 +54,8 @@ def make_run(root: Path, name: str = "run1", registry_url: str = "outputs/regist
     (run / "data").mkdir()
     (run / "data" / "dataset_dict.json").write_text("{}")
     (run / "data" / "summary.json").write_text(
-        json.dumps({"source": "embedded", "split_sizes": {"train": 1440, "validation": 180, "test": 180}})
+        json.dumps({"source": "embedded", "split_sizes": {"train": 1440, "validation": 180, "test": 180},
+                    "duplicates": {"exact_groups": 3, "near_duplicate_distance": 4, "near_groups": 7}})
     )
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "state.bin").write_bytes(b"not published")
@@ -63,6 +67,8 @@ def make_run(root: Path, name: str = "run1", registry_url: str = "outputs/regist
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
     (run / "confusion_matrix.png").write_bytes(buf.getvalue())
+    for stage in ("prepare", "train", "evaluate", "export"):  # what the stage notebooks record as they finish
+        finish_stage(run, stage, params)
     return run
 
 
@@ -171,6 +177,9 @@ def test_publish_uploads_verified_version_and_moves_latest(run: Path, reg: str):
             assert data == (run / e["path"]).read_bytes()
     card = stored(reg, f"har-vit/{version}/README.md").decode()
     assert "![confusion matrix](confusion_matrix.png)" in card and "| sitting |" in card
+    assert "What is served: `export/model.int8.onnx` (onnx, int8" in card
+    assert "| near groups | 7 |" in card and "| near duplicate distance | 4 |" in card
+    assert "accuracy 0.8812, expected calibration error 0.0213" in card
     assert (
         "| train images | 1440 |" in card
         and "| train.learning_rate | 0.001 |" in card

@@ -1,0 +1,166 @@
+"""Offline Hugging Face caches for the real profiles' ids: a hub-cache model snapshot and a datasets Arrow cache.
+
+Used by the rehearsal (full-size ViT-B/16, real or generated photos) and by the tests (tiny models, a handful of
+generated images). Both libraries resolve these without a network once HF_HUB_CACHE / HF_DATASETS_CACHE point at
+the folders and HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 are set in the environment of the process that loads them.
+
+    python -m lib.hub_cache HUB_DIR DATASETS_DIR [--size base] [--per-class 11] [--images ../shared/data/har_sample]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from lib.synthetic import CLASS_NAMES
+
+HUB_MODEL_ID = "google/vit-base-patch16-224"
+HUB_IN21K_ID = "google/vit-base-patch16-224-in21k"
+HUB_DATASET_ID = "Bingsu/Human_Action_Recognition"
+# The tiny stand-in keeps the tests fast; "base" is ViTConfig's defaults, the architecture of both Google ids
+# (224 px, patch 16, hidden 768, 12 layers, 12 heads, MLP 3072).
+TINY_VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+            "intermediate_size": 64}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def fake_revision(model_id: str, size: str) -> str:
+    """A stable 40-hex 'commit' for the snapshot folder and refs/main."""
+    return hashlib.sha1(f"{model_id}|{size}".encode()).hexdigest()
+
+
+def write_model_cache(
+    hub_cache: Path,
+    model_id: str = HUB_MODEL_ID,
+    size: Literal["tiny", "base"] = "tiny",
+    classifier: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Save a seeded random ViT as the hub-cache snapshot of model_id; return the snapshot folder.
+
+    classifier=True: ViTForImageClassification with a 1000-class head, like google/vit-base-patch16-224.
+    classifier=False: a bare ViTModel with its pooler and no head, like google/vit-base-patch16-224-in21k.
+    The image processor is the real repos' one: ViTImageProcessor, square resize, mean/std 0.5, bilinear.
+    """
+    import torch
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
+
+    repo = Path(hub_cache) / ("models--" + model_id.replace("/", "--"))
+    sha = fake_revision(model_id, size)
+    snapshot = repo / "snapshots" / sha
+    cfg = ViTConfig(**(TINY_VIT if size == "tiny" else {}), **({"num_labels": 1000} if classifier else {}))
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(cfg) if classifier else ViTModel(cfg, add_pooling_layer=True)
+    model.save_pretrained(snapshot)
+    side = cfg.image_size
+    ViTImageProcessor(
+        size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=Image.BILINEAR
+    ).save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+def generated_jpeg(label: int, rng: np.random.Generator) -> bytes:
+    """One image of class `label` from the embedded generator, photo-like size, as JPEG bytes."""
+    from lib.synthetic import render
+
+    size = (int(rng.integers(160, 321)), int(rng.integers(120, 241)))
+    buf = io.BytesIO()
+    render(label, rng, size).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def folder_images(image_folder: Path, per_class: int) -> list[tuple[bytes, int]]:
+    """The first per_class image files (sorted by name) of each class folder, as (bytes, label)."""
+    items = []
+    for label, name in enumerate(CLASS_NAMES):
+        files = sorted(p for p in (Path(image_folder) / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(files) < per_class:
+            raise ValueError(f"{image_folder / name} holds {len(files)} images, {per_class} wanted")
+        items += [(p.read_bytes(), label) for p in files[:per_class]]
+    return items
+
+
+def write_dataset_cache(
+    datasets_cache: Path,
+    per_class: int = 6,
+    dataset_id: str = HUB_DATASET_ID,
+    image_folder: Path | None = None,
+    test_images: int = 30,
+    seed: int = 0,
+) -> Path:
+    """Write an Arrow cache with the schema of Bingsu/Human_Action_Recognition; return its folder.
+
+    Features: image (Image) and labels (ClassLabel, the 15 names); splits train and test. Train holds per_class
+    images of each class, read from image_folder/<class>/ when given, else drawn by the embedded generator.
+    Test holds test_images generated images, all labelled 0: the real test split carries no labels.
+    """
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=list(CLASS_NAMES))})
+    rng = np.random.default_rng(seed)
+    if image_folder is not None:
+        train = folder_images(image_folder, per_class)
+    else:
+        train = [(generated_jpeg(c, rng), c) for c in range(len(CLASS_NAMES)) for _ in range(per_class)]
+    test = [(generated_jpeg(i % len(CLASS_NAMES), rng), 0) for i in range(test_images)]
+    namespace, name = dataset_id.split("/")
+    snake = datasets.naming.camelcase_to_snakecase(name)
+    folder = Path(datasets_cache) / f"{namespace}___{snake}" / "default" / "0.0.0" / "0000000000000000"
+    folder.mkdir(parents=True, exist_ok=True)
+    split_infos = {}
+    for split, items in (("train", train), ("test", test)):
+        table = {"image": [{"bytes": b, "path": None} for b, _ in items], "labels": [c for _, c in items]}
+        ds = datasets.Dataset.from_dict(table, features=features)
+        path = folder / f"{snake}-{split}.arrow"
+        with datasets.arrow_writer.ArrowWriter(path=str(path), features=features) as writer:
+            writer.write_table(ds.data.table)
+        split_infos[split] = {"name": split, "num_bytes": path.stat().st_size, "num_examples": len(ds)}
+    info = {
+        "features": features.to_dict(),
+        "builder_name": "parquet",
+        "config_name": "default",
+        "dataset_name": snake,
+        "version": {"version_str": "0.0.0", "major": 0, "minor": 0, "patch": 0},
+        "splits": split_infos,
+    }
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: build both Google ids and the dataset cache; print a JSON summary."""
+    ap = argparse.ArgumentParser(prog="python -m lib.hub_cache", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("hub_cache", type=Path)
+    ap.add_argument("datasets_cache", type=Path)
+    ap.add_argument("--size", choices=["tiny", "base"], default="base")
+    ap.add_argument("--per-class", type=int, default=11)
+    ap.add_argument("--images", type=Path, help="image folder with one subfolder per class (default: generated)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    snapshots = {
+        HUB_MODEL_ID: write_model_cache(args.hub_cache, HUB_MODEL_ID, args.size, classifier=True, seed=args.seed),
+        HUB_IN21K_ID: write_model_cache(args.hub_cache, HUB_IN21K_ID, args.size, classifier=False, seed=args.seed),
+    }
+    folder = write_dataset_cache(args.datasets_cache, args.per_class, image_folder=args.images, seed=args.seed)
+    info = json.loads((folder / "dataset_info.json").read_text())
+    print(json.dumps({
+        "models": {k: str(v) for k, v in snapshots.items()},
+        "dataset": str(folder),
+        "images": "generated" if args.images is None else str(args.images),
+        "splits": {k: v["num_examples"] for k, v in info["splits"].items()},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
