@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PARAMS ?= params/demo.yaml
 PROFILE ?= params/har_vit.yaml
+TENSORBOARD_PORT ?= 6006
 
-.PHONY: setup demo test lab dashboard bench check rehearsal clean
+.PHONY: setup demo test test-fast lint format lab tensorboard dashboard bench check rehearsal clean
 
 setup: $(VENV)/.installed
 
@@ -13,16 +14,33 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name har-vit --display-name "HAR-ViT (.venv)"
+	if [ -d .git ]; then $(VENV)/bin/pre-commit install >/dev/null; fi  # strip notebook outputs, ruff, on commit
 	touch $@
 
 demo: setup  ## run the whole pipeline on the embedded dataset (CPU, offline)
 	$(PY) -m lib.pipeline --params $(PARAMS)
 
-test: setup  ## the test suite
+test: setup  ## the whole test suite (unit and integration)
 	$(PY) -m pytest -q
 
-lab: setup  ## JupyterLab on the notebooks
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+test-fast: setup  ## the unit tests only (no notebooks, subprocess pipelines, servers or browser)
+	$(PY) -m pytest -q -m "not integration"
+
+lint: setup  ## ruff: lint and format check of lib, tests, deploy and the notebooks
+	$(VENV)/bin/ruff check lib tests deploy notebooks
+	$(VENV)/bin/ruff format --check lib tests deploy notebooks
+
+format: setup  ## ruff: fix what can be fixed, then format
+	$(VENV)/bin/ruff check --fix lib tests deploy notebooks
+	$(VENV)/bin/ruff format lib tests deploy notebooks
+
+# Kernels start in their notebook's folder (Jupyter's default), so notebooks/ keeps its relative paths.
+lab: setup  ## JupyterLab at the repository root (notebooks, params, outputs), on the project's kernel
+	$(VENV)/bin/jupyter lab --notebook-dir=.
+
+tensorboard: setup  ## TensorBoard on http://127.0.0.1:$(TENSORBOARD_PORT) over every run in outputs/
+	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1 --port $(TENSORBOARD_PORT)
 
 dashboard: setup  ## serve the Voila dashboard on 127.0.0.1 with the demo's published model
 	$(VENV)/bin/voila notebooks/dashboard.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866

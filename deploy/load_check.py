@@ -30,8 +30,14 @@ import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -57,8 +63,13 @@ def mib(n: float) -> float:
 def start_server(env: dict[str, str], log_path: str) -> tuple[subprocess.Popen, str]:
     """Start Voila on a free port; return the process and its URL once it listens."""
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("voila")), "notebooks/dashboard.ipynb", "--no-browser",
-           "--Voila.ip=127.0.0.1", f"--port={port}"]
+    cmd = [
+        str(Path(sys.executable).with_name("voila")),
+        "notebooks/dashboard.ipynb",
+        "--no-browser",
+        "--Voila.ip=127.0.0.1",
+        f"--port={port}",
+    ]
     log = open(log_path, "a")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(240):
@@ -119,7 +130,9 @@ async def visit(browser, url: str, data: bytes) -> tuple[float, float]:
     return rendered, time.perf_counter() - start
 
 
-async def browser_round(url: str, n: int, data: bytes, chromium: str, server: psutil.Process) -> tuple[list, list, float]:
+async def browser_round(
+    url: str, n: int, data: bytes, chromium: str, server: psutil.Process
+) -> tuple[list, list, float]:
     """N browser visitors at once: their timings, then kernel and server RSS while all pages are open."""
     from playwright.async_api import async_playwright
 
@@ -156,12 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", default=os.devnull, help="append the servers' output here")
     args = parser.parse_args(argv)
 
-    env = {**os.environ, "HAR_REGISTRY": args.registry, "HAR_MODEL_NAME": args.model_name,
-           "HAR_MAX_KERNELS": str(max(args.visitors) + 1)}
+    env = {
+        **os.environ,
+        "HAR_REGISTRY": args.registry,
+        "HAR_MODEL_NAME": args.model_name,
+        "HAR_MAX_KERNELS": str(max(args.visitors) + 1),
+    }
     data = photo()
-    print(f"machine: {os.cpu_count()} CPUs, {mib(psutil.virtual_memory().total) / 1024:.1f} GiB RAM; mode {args.mode}\n")
-    print("| visitors | page shown, median / max (s) | one result, median / max (s) | kernel RSS each, median (MiB) "
-          "| server RSS (MiB) | total RSS (MiB) |")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {mib(psutil.virtual_memory().total) / 1024:.1f} GiB RAM; mode {args.mode}\n"
+    )
+    print(
+        "| visitors | page shown, median / max (s) | one result, median / max (s) | kernel RSS each, median (MiB) "
+        "| server RSS (MiB) | total RSS (MiB) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for n in args.visitors:
         proc, url = start_server(env, args.log)
@@ -176,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             stop_server(proc)
         shown, first = [t[0] for t in timings], [t[1] for t in timings]
         result = f"{statistics.median(first):.2f} / {max(first):.2f}" if args.mode == "browser" else "-"
-        print(f"| {n} | {statistics.median(shown):.1f} / {max(shown):.1f} | {result} "
-              f"| {statistics.median(rss) if rss else 0:.0f} ({len(rss)} kernels) | {server_rss:.0f} "
-              f"| {server_rss + sum(rss):.0f} |", flush=True)
+        print(
+            f"| {n} | {statistics.median(shown):.1f} / {max(shown):.1f} | {result} "
+            f"| {statistics.median(rss) if rss else 0:.0f} ({len(rss)} kernels) | {server_rss:.0f} "
+            f"| {server_rss + sum(rss):.0f} |",
+            flush=True,
+        )
     return 0
 
 

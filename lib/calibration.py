@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Search range for the temperature; a fitted value at either end means the logits are degenerate.
 T_MIN, T_MAX = 0.05, 20.0
@@ -51,6 +55,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> pd.DataFrame:
     """Per equal-width confidence bin (lo, hi]: count, mean top-1 confidence and accuracy (NaN when empty)."""
+    import pandas as pd  # here, not at the top: the torch-free predictor imports softmax from this module
+
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     confidence = probs.max(axis=1)
@@ -88,12 +94,27 @@ def reliability_diagram(before: pd.DataFrame, after: pd.DataFrame, ece_before: f
         width = bins["bin_upper"] - bins["bin_lower"]
         centers = bins["bin_lower"] + width / 2
         filled = bins["count"] > 0
-        ax.bar(centers[filled], bins["accuracy"][filled], width=width[filled], color="tab:blue",
-               edgecolor="white", label="accuracy")
+        ax.bar(
+            centers[filled],
+            bins["accuracy"][filled],
+            width=width[filled],
+            color="tab:blue",
+            edgecolor="white",
+            label="accuracy",
+        )
         # Hatched gap between the mean confidence and the accuracy of each bin.
         gap = bins["confidence"][filled] - bins["accuracy"][filled]
-        ax.bar(centers[filled], gap, bottom=bins["accuracy"][filled], width=width[filled], color="tab:red",
-               alpha=0.3, hatch="//", edgecolor="tab:red", label="gap to confidence")
+        ax.bar(
+            centers[filled],
+            gap,
+            bottom=bins["accuracy"][filled],
+            width=width[filled],
+            color="tab:red",
+            alpha=0.3,
+            hatch="//",
+            edgecolor="tab:red",
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", title=title)
         ax.set_aspect("equal")

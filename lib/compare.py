@@ -11,6 +11,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from lib.files import read_json
+from lib.params import flatten
+
 # Params that differ between runs without changing the results: the run name and where outputs go,
 # and the sections used after training (publishing, dashboard).
 IGNORED_PARAMS = ("run.name", "run.output_root", "publish.", "dashboard.")
@@ -30,27 +33,12 @@ def find_runs(root: str | Path, pattern: str = "*") -> list[Path]:
     return sorted((p for p in root.glob(pattern) if (p / "metrics.json").is_file()), key=_natural_key)
 
 
-def load_json(path: Path, default: Any = None) -> Any:
-    """Parsed JSON file, or default when it is missing."""
-    return json.loads(path.read_text()) if path.is_file() else default
-
-
 def flat_params(run: Path) -> dict[str, Any]:
     """The run's params.yaml flattened to dotted keys ('model.freeze_layers': 2); {} when absent."""
     path = Path(run) / "params.yaml"
     tree = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            # Lists (e.g. gate conditions) become JSON text so that they can be compared and shown.
-            flat[prefix[:-1]] = json.dumps(node) if isinstance(node, list) else node
-
-    walk(tree or {}, "")
-    return flat
+    # Lists (e.g. gate conditions) become JSON text so that they can be compared and shown.
+    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(tree or {}).items()}
 
 
 def varying_params(params: list[dict[str, Any]]) -> list[str]:
@@ -78,7 +66,7 @@ def runs_table(runs: list[Path]) -> pd.DataFrame:
     varying = varying_params(params) if len(runs) > 1 else []
     rows = []
     for run, p in zip(runs, params):
-        metrics = load_json(Path(run) / "metrics.json", {})
+        metrics = read_json(Path(run) / "metrics.json", default={})
         calibration = metrics.get("calibration") or {}
         train = metrics.get("train") or {}
         row = {"run": Path(run).name, "model": model_label(p)}
@@ -97,14 +85,14 @@ def per_class_f1(runs: list[Path]) -> pd.DataFrame:
     """Test F1 per class (rows) and run (columns); NaN where a run lacks the class."""
     columns = {}
     for run in runs:
-        per_class = load_json(Path(run) / "metrics.json", {}).get("per_class") or {}
+        per_class = read_json(Path(run) / "metrics.json", default={}).get("per_class") or {}
         columns[Path(run).name] = {name: scores.get("f1", np.nan) for name, scores in per_class.items()}
     return pd.DataFrame(columns)
 
 
 def load_history(run: Path) -> pd.DataFrame:
     """Trainer log history as a frame (epoch, loss, eval_loss, eval_accuracy, ...); empty when absent."""
-    return pd.DataFrame(load_json(Path(run) / "train_history.json", []))
+    return pd.DataFrame(read_json(Path(run) / "train_history.json", default=[]))
 
 
 def plot_metrics(table: pd.DataFrame):

@@ -8,8 +8,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,7 +32,7 @@ DHASH_DRAFT = (96, 96)
 
 def embedded_folder(p: DataParams, cache_root: Path) -> Path:
     """Write (once) the embedded generator's images as an image folder and return its path."""
-    from lib.synthetic import write_image_folder
+    from lib.demo.synthetic import write_image_folder
 
     root = cache_root / f"embedded_n{p.embedded.images_per_class}_s{p.embedded.seed}"
     return write_image_folder(root, p.embedded.images_per_class, seed=p.embedded.seed)
@@ -392,9 +393,7 @@ def class_table(dd: Any) -> Any:
     import pandas as pd
 
     names = class_names(dd["train"])
-    table = pd.DataFrame(
-        {s: np.bincount(np.asarray(dd[s]["label"]), minlength=len(names)) for s in dd}, index=names
-    )
+    table = pd.DataFrame({s: np.bincount(np.asarray(dd[s]["label"]), minlength=len(names)) for s in dd}, index=names)
     table.loc["total"] = table.sum()
     return table
 

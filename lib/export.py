@@ -1,5 +1,10 @@
 """Export stage: the trained classifier to ONNX (dynamic batch), fused for ONNX Runtime, quantized to int8,
-checked against PyTorch on the test split, and the serving model chosen by a stated rule."""
+checked against PyTorch on the test split, and the serving model chosen by a stated rule.
+
+Two fp32 files are kept: model.standard.onnx, the exporter's output with standard ONNX ops only (any runtime that
+implements the opset), and model.onnx, fused with ONNX Runtime's contrib ops (Attention, SkipLayerNormalization,
+BiasGelu: ONNX Runtime only), which is what is served.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from lib.labels import config_labels
+from lib.metrics import update_metrics
 from lib.params import Params
 from lib.predict import (
     EXPORT_DIR,
@@ -19,15 +26,15 @@ from lib.predict import (
     Predictor,
     onnx_runner,
     onnx_session,
-    read_labels,
     read_temperature,
     torch_runner,
 )
-from lib.metrics import update_metrics
 from lib.transforms import ImageSpec, eval_batch, load_spec
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+STANDARD_FILE = "model.standard.onnx"
+STANDARD_DOMAINS = ("", "ai.onnx")  # the default operator set's two spellings
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 # Quantized op types: the projections and MLP (MatMul) and the fused self-attention (-> QAttention).
@@ -63,8 +70,24 @@ def export_torchscript(model: Any, path: Path, image_size: int, opset: int) -> P
     return path
 
 
+def check_standard(path: Path) -> dict[str, int]:
+    """onnx.checker on a file and its op types, count each; ValueError if an op is outside the default domain."""
+    import onnx
+
+    onnx.checker.check_model(str(path))  # by path: also works above protobuf's 2 GiB limit
+    proto = onnx.load(str(path), load_external_data=False)
+    foreign = sorted({f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS})
+    if foreign:
+        raise ValueError(f"{Path(path).name} holds ops outside the default ONNX domain: {', '.join(foreign)}")
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return dict(sorted(ops.items()))
+
+
 def scale_to_div(proto: Any) -> int:
-    """Rewrite 'scores * c -> Softmax' as 'scores / (1/c)' so ORT's attention fusion recognises the block; count rewrites."""
+    """Rewrite 'scores * c -> Softmax' as 'scores / (1/c)' so ORT's attention fusion recognises the block; return
+    the number of rewrites."""
     import onnx
     from onnx import numpy_helper
 
@@ -108,7 +131,12 @@ def fuse_for_ort(raw: Path, dst: Path, num_heads: int, hidden_size: int, attenti
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     try:
         fused = optimize_model(
-            proto, model_type="vit", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options, opt_level=0
+            proto,
+            model_type="vit",
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            optimization_options=options,
+            opt_level=0,
         )
     finally:
         logging.getLogger("onnxruntime.transformers").setLevel(level)
@@ -128,7 +156,8 @@ class _PixelReader:
 
 
 def quantize_int8(src: Path, dst: Path, mode: str, calibration: np.ndarray | None = None) -> Path:
-    """int8 weights: 'dynamic' (MatMul + fused Attention, per-tensor) or 'static' (QDQ MatMul, per-channel, calibrated)."""
+    """int8 weights: 'dynamic' (MatMul + fused Attention, per-tensor) or 'static' (QDQ MatMul, per-channel,
+    calibrated)."""
     import onnx
 
     extra = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
@@ -148,16 +177,28 @@ def _quantize(src: Path, dst: Path, mode: str, calibration: np.ndarray | None, e
 
     if mode == "dynamic":
         quantize_dynamic(
-            str(src), str(dst), op_types_to_quantize=DYNAMIC_OPS, per_channel=False, reduce_range=False,
-            weight_type=QuantType.QInt8, extra_options=extra,
+            str(src),
+            str(dst),
+            op_types_to_quantize=DYNAMIC_OPS,
+            per_channel=False,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            extra_options=extra,
         )
     elif mode == "static":
         if calibration is None or not len(calibration):
             raise ValueError("static quantization needs calibration images")
         quantize_static(
-            str(src), str(dst), _PixelReader(calibration), quant_format=QuantFormat.QDQ, op_types_to_quantize=STATIC_OPS,
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
+            str(src),
+            str(dst),
+            _PixelReader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=STATIC_OPS,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options=extra,
         )
     else:
         raise ValueError(f"unknown quantization mode {mode!r}")
@@ -170,7 +211,9 @@ def dataset_images(ds: Any, start: int, stop: int) -> list[Any]:
 
 def predictor_logits(predictor: Predictor, ds: Any, batch_size: int = 32) -> np.ndarray:
     """Logits (N, C) of a dataset split through a Predictor (batched; same eval_transform as evaluation)."""
-    parts = [predictor.logits(dataset_images(ds, i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+    parts = [
+        predictor.logits(dataset_images(ds, i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, len(predictor.labels)), np.float32)
 
 
@@ -229,31 +272,38 @@ def export_model(
     quantize: str = "dynamic",
     calibration: np.ndarray | None = None,
 ) -> dict:
-    """Write export_dir/model.onnx (fused fp32) and, unless quantize='none', model.int8.onnx; return what was done."""
+    """Write export_dir/model.standard.onnx (standard ops), model.onnx (fused fp32) and, unless quantize='none',
+    model.int8.onnx; return what was done."""
     from lib.model import load_model
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (SERVING_FILE, FP32_FILE, INT8_FILE):
+    for stale in (SERVING_FILE, STANDARD_FILE, FP32_FILE, INT8_FILE):
         (export_dir / stale).unlink(missing_ok=True)
     cfg = json.loads((model_dir / "config.json").read_text())
     spec = load_spec(model_dir)
-    raw = export_dir / "model.raw.onnx"
+    standard = export_dir / STANDARD_FILE
     heads, hidden = int(cfg.get("num_attention_heads", 0)), int(cfg.get("hidden_size", 0))
     start = time.time()
-    export_torchscript(load_model(model_dir), raw, spec.size, opset)
-    fused = fuse_for_ort(raw, export_dir / FP32_FILE, heads, hidden)
-    info = {"opset": opset, "quantize": quantize, "fused_ops": fused, "files": {"fp32": FP32_FILE}}
+    export_torchscript(load_model(model_dir), standard, spec.size, opset)
+    standard_ops = check_standard(standard)
+    fused = fuse_for_ort(standard, export_dir / FP32_FILE, heads, hidden)
+    info = {
+        "opset": opset,
+        "quantize": quantize,
+        "fused_ops": fused,
+        "standard_op_types": sorted(standard_ops),
+        "files": {"standard": STANDARD_FILE, "fp32": FP32_FILE},
+    }
     if quantize != "none":
         src = export_dir / FP32_FILE
         if quantize == "static":  # QDQ MatMuls over the unfused attention; ORT fuses them into integer ops at load
             src = export_dir / "model.static-src.onnx"
-            fuse_for_ort(raw, src, heads, hidden, attention=False)
+            fuse_for_ort(standard, src, heads, hidden, attention=False)
         quantize_int8(src, export_dir / INT8_FILE, quantize, calibration)
         if src.name != FP32_FILE:
             src.unlink()
         info["files"]["int8"] = INT8_FILE
-    raw.unlink()
     info["seconds"] = round(time.time() - start, 1)
     return info
 
@@ -272,18 +322,31 @@ def check_exports(
     from lib.predict import dataset_logits
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    labels, spec, temperature = read_labels(model_dir), load_spec(model_dir), read_temperature(model_dir)
+    labels, spec, temperature = config_labels(model_dir), load_spec(model_dir), read_temperature(model_dir)
     model = load_model(model_dir)
     y = np.asarray(ds["label"]) if len(ds) else np.zeros(0, int)
-    ref = dataset_logits(model, ds, spec, batch_size=batch_size, device="cpu", precision="fp32") if len(ds) else np.zeros((0, len(labels)))
-    torch_pred = Predictor(torch_runner(model, "cpu"), labels, spec, temperature, "torch", str(model_dir / "model.safetensors"))
+    ref = (
+        dataset_logits(model, ds, spec, batch_size=batch_size, device="cpu", precision="fp32")
+        if len(ds)
+        else np.zeros((0, len(labels)))
+    )
+    torch_pred = Predictor(
+        torch_runner(model, "cpu"), labels, spec, temperature, "torch", str(model_dir / "model.safetensors")
+    )
     timing = dataset_images(ds, 0, min(latency_images, len(ds)))
     acc_ref = accuracy(ref, y)
     kept = {"torch": ref}
-    rows = {"torch": {"file": "model/model.safetensors", "size_mib": size_mib(model_dir / "model.safetensors"),
-                      "agreement": 1.0, "accuracy": acc_ref, "accuracy_drop": 0.0,
-                      "latency_ms": latency_ms(torch_pred, timing)}}
-    for variant, name in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+    rows = {
+        "torch": {
+            "file": "model/model.safetensors",
+            "size_mib": size_mib(model_dir / "model.safetensors"),
+            "agreement": 1.0,
+            "accuracy": acc_ref,
+            "accuracy_drop": 0.0,
+            "latency_ms": latency_ms(torch_pred, timing),
+        }
+    }
+    for variant, name in (("standard", STANDARD_FILE), ("fp32", FP32_FILE), ("int8", INT8_FILE)):
         path = export_dir / name
         if not path.is_file():
             continue
@@ -310,7 +373,9 @@ def served_calibration(model_dir: Path, path: Path, val: Any, test: Any, test_lo
     fit = p.evaluate.calibrate and len(val) > 0
     val_logits = np.zeros((0, test_logits.shape[1]), np.float32)
     if fit:
-        pred = Predictor(onnx_runner(onnx_session(path)), read_labels(model_dir), load_spec(model_dir), 1.0, "onnx", str(path))
+        pred = Predictor(
+            onnx_runner(onnx_session(path)), config_labels(model_dir), load_spec(model_dir), 1.0, "onnx", str(path)
+        )
         val_logits = predictor_logits(pred, val, p.evaluate.batch_size)
     return describe(val_logits, np.asarray(val["label"]), test_logits, np.asarray(test["label"]), fit=fit)
 
@@ -324,7 +389,8 @@ def calibration_pixels(ds: Any, spec: ImageSpec, n: int = 64) -> np.ndarray:
 
 
 def run_export(p: Params, out: Path) -> dict:
-    """The export stage: export, quantize, check on the test split, choose the serving model, write metrics + serving.json."""
+    """The export stage: export, quantize, check on the test split, choose the serving model, write metrics and
+    serving.json."""
     from lib.data import load_splits
 
     out = Path(out)
@@ -335,14 +401,18 @@ def run_export(p: Params, out: Path) -> dict:
     info = export_model(model_dir, export_dir, ep.opset, ep.quantize, calibration)
     check, test_logits = check_exports(model_dir, export_dir, dd["test"], batch_size=p.evaluate.batch_size)
     rows = check["variants"]
-    fp32 = rows["fp32"]
-    if len(dd["test"]) and fp32["agreement"] < ep.min_agreement:
-        raise RuntimeError(
-            f"the fp32 ONNX export disagrees with PyTorch (top-1 agreement {fp32['agreement']:.4f}): not serving it"
-        )
+    for fp in ("standard", "fp32"):  # both are published; neither may differ from PyTorch beyond float noise
+        if len(dd["test"]) and rows[fp]["agreement"] < ep.min_agreement:
+            raise RuntimeError(
+                f"the {fp} ONNX export ({rows[fp]['file']}) disagrees with PyTorch (top-1 agreement "
+                f"{rows[fp]['agreement']:.4f}): not publishing it"
+            )
     int8 = rows.get("int8")
     file, reason = choose_serving(
-        int8["agreement"] if int8 else None, int8["accuracy_drop"] if int8 else None, ep.min_agreement, ep.max_accuracy_drop
+        int8["agreement"] if int8 else None,
+        int8["accuracy_drop"] if int8 else None,
+        ep.min_agreement,
+        ep.max_accuracy_drop,
     )
     variant = "int8" if file == INT8_FILE else "fp32"
     chosen = rows[variant]
@@ -362,10 +432,14 @@ def run_export(p: Params, out: Path) -> dict:
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
         "temperature": served["temperature"],
+        # every file of export/ by variant; "standard" runs on any ONNX runtime (the others need ONNX Runtime)
+        "files": info["files"],
     }
     result = {**info, **check, "serving": serving}
-    update_metrics(out / "metrics.json", {"export": result, "served": {"backend": "onnx", "variant": variant,
-                                                                         "file": f"{EXPORT_DIR}/{file}", **served}})
+    update_metrics(
+        out / "metrics.json",
+        {"export": result, "served": {"backend": "onnx", "variant": variant, "file": f"{EXPORT_DIR}/{file}", **served}},
+    )
     (export_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2))
     return result
 

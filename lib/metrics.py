@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lib.files import read_json, write_json
+
+# The headline metrics shown in registry listings and the dashboard's model panel.
+SUMMARY_METRICS = ("accuracy", "f1_macro", "f1_weighted")
 METRIC_MODULE = Path(__file__).parent / "metric_modules" / "classification"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_metric(name: str) -> Any:
     """evaluate.load of one of accuracy, precision, recall, f1 from the repo's own module (no Hub)."""
     import evaluate
@@ -24,12 +27,16 @@ def classification_metrics(references: np.ndarray, predictions: np.ndarray, labe
     """Accuracy, weighted and macro precision/recall/F1, and per-class precision/recall/F1/support."""
     refs, preds = np.asarray(references).tolist(), np.asarray(predictions).tolist()
     ids = list(range(len(labels)))
-    result: dict[str, Any] = {"accuracy": load_metric("accuracy").compute(predictions=preds, references=refs)["accuracy"]}
+    result: dict[str, Any] = {
+        "accuracy": load_metric("accuracy").compute(predictions=preds, references=refs)["accuracy"]
+    }
     per_class: dict[str, dict[str, float]] = {name: {} for name in labels}
     for metric in ("precision", "recall", "f1"):
         module = load_metric(metric)
         for how in ("weighted", "macro"):
-            result[f"{metric}_{how}"] = module.compute(predictions=preds, references=refs, average=how, labels=ids)[metric]
+            result[f"{metric}_{how}"] = module.compute(predictions=preds, references=refs, average=how, labels=ids)[
+                metric
+            ]
         values = module.compute(predictions=preds, references=refs, average=None, labels=ids)[metric]
         for name, value in zip(labels, values):
             per_class[name][metric] = float(value)
@@ -56,11 +63,7 @@ def most_confident_mistakes(probs: np.ndarray, references: np.ndarray, n: int) -
 
 
 def update_metrics(path: Path, updates: dict) -> dict:
-    """Merge updates into a metrics.json (created when missing) and return the whole dict."""
-    path = Path(path)
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    metrics.update(updates)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(path)
+    """Merge updates into a metrics.json (created when missing), written atomically; return the whole dict."""
+    metrics = {**(read_json(path) if Path(path).is_file() else {}), **updates}
+    write_json(path, metrics)
     return metrics

@@ -1,4 +1,9 @@
-"""Model building (Hub id, local folder or config), layer freezing, saving with its preprocessing."""
+"""Model building (Hub id, local folder or config), layer freezing, saving with its preprocessing.
+
+A saved model folder works outside this repository: its preprocessor_config.json is derived from the same
+ImageSpec as preprocessing.json, so `transformers.pipeline("image-classification", model=folder)` preprocesses
+exactly as evaluation and serving do (lib.transforms.eval_transform).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.params import ModelParams, resolve_path
-from lib.transforms import ImageSpec, save_spec, spec_from_processor
+from lib.transforms import ImageSpec, processor_config, save_spec, spec_from_processor
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -17,17 +22,24 @@ def label_maps(labels: list[str]) -> dict[str, dict]:
     return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
 
 
+def image_processor(spec: ImageSpec) -> Any:
+    """A transformers image processor that does exactly eval_transform for this spec (PIL backend: no torchvision)."""
+    from transformers import ViTImageProcessorPil
+
+    # ViTImageProcessor adds nothing to the base resize / crop / normalise steps, so it suits any backbone.
+    return ViTImageProcessorPil(**processor_config(spec))
+
+
 def build_model(mp: ModelParams, labels: list[str]) -> tuple[Any, Any, ImageSpec]:
-    """Build (model, image processor, eval ImageSpec) with a fresh head for these labels."""
+    """Build (model, image processor, eval ImageSpec) with a fresh head for these labels; the processor returned is
+    the evaluation transform's (image_processor(spec)), not the backbone's own."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
-    from transformers import ViTImageProcessorPil as ViTImageProcessor  # PIL backend: no torchvision needed
 
     if mp.source == "config":
         cfg = ViTConfig(**mp.config.model_dump(), num_labels=len(labels), **label_maps(labels))
         cfg._attn_implementation = mp.attn_implementation
         model = ViTForImageClassification(cfg)
-        size = mp.config.image_size
-        processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        spec = ImageSpec(size=mp.config.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=mp.crop_pct)
     else:
         name = mp.name_or_path if mp.source == "hub" else str(resolve_path(mp.name_or_path))
         model = AutoModelForImageClassification.from_pretrained(
@@ -37,9 +49,10 @@ def build_model(mp: ModelParams, labels: list[str]) -> tuple[Any, Any, ImageSpec
             attn_implementation=mp.attn_implementation,
             **label_maps(labels),
         )
-        processor = AutoImageProcessor.from_pretrained(name, backend="pil")
+        # The backbone's processor gives size, mean and std; its resize rule is replaced by the evaluation transform's.
+        spec = spec_from_processor(AutoImageProcessor.from_pretrained(name, backend="pil"), mp.crop_pct)
     freeze_layers(model, mp.freeze_layers)
-    return model, processor, spec_from_processor(processor, mp.crop_pct)
+    return model, image_processor(spec), spec
 
 
 def encoder_layers(model: Any) -> list[Any]:
@@ -76,10 +89,15 @@ def count_parameters(model: Any) -> dict[str, int]:
 
 
 def save_model(model: Any, processor: Any, spec: ImageSpec, out_dir: Path) -> Path:
-    """save_pretrained the model and processor, plus preprocessing.json, into out_dir."""
+    """save_pretrained the model and image_processor(spec), plus preprocessing.json, into out_dir.
+
+    processor (what build_model returned) is not saved as given: the saved one is rebuilt from spec, so that
+    preprocessor_config.json and preprocessing.json always describe the same transform.
+    """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    image_processor(spec).save_pretrained(out_dir)
     save_spec(spec, out_dir)
     return out_dir
 
@@ -93,20 +111,8 @@ def load_model(model_dir: Path) -> Any:
     return AutoModelForImageClassification.from_pretrained(model_dir).eval()
 
 
-def model_labels(model_dir: Path) -> list[str]:
-    """Label names from a saved model's config.json (no transformers import)."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]
-
-
 def save_temperature(model_dir: Path, temperature: float) -> Path:
     """Store the calibration temperature next to the model."""
     path = Path(model_dir) / CALIBRATION_FILE
     path.write_text(json.dumps({"temperature": float(temperature)}))
     return path
-
-
-def load_temperature(model_dir: Path) -> float:
-    """The stored calibration temperature, 1.0 if none."""
-    path = Path(model_dir) / CALIBRATION_FILE
-    return float(json.loads(path.read_text())["temperature"]) if path.is_file() else 1.0

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = ROOT / "params" / "demo.yaml"
@@ -60,7 +60,7 @@ class DataParams(Section):
     seed: int = 42
 
     @model_validator(mode="after")
-    def _check(self) -> "DataParams":
+    def _check(self) -> DataParams:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
@@ -83,7 +83,7 @@ class VitConfig(Section):
     intermediate_size: int = Field(384, ge=8)
 
     @model_validator(mode="after")
-    def _check(self) -> "VitConfig":
+    def _check(self) -> VitConfig:
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
         if self.hidden_size % self.num_attention_heads:
@@ -100,7 +100,7 @@ class ModelParams(Section):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelParams":
+    def _check(self) -> ModelParams:
         if self.source == "local" and not resolve_path(self.name_or_path).is_dir():
             raise ValueError(f"model.name_or_path {self.name_or_path!r} is not a local folder")
         if self.source == "config" and self.freeze_layers > self.config.num_hidden_layers:
@@ -115,6 +115,9 @@ class AugmentParams(Section):
     hflip: bool = True
     rotation_deg: float = Field(10.0, ge=0, le=45)
     color_jitter: float = Field(0.2, ge=0, le=1)
+
+
+Reporter = Literal["none", "tensorboard", "wandb", "mlflow"]  # trackers train.report_to accepts
 
 
 class TrainParams(Section):
@@ -141,6 +144,26 @@ class TrainParams(Section):
     nodes: int = Field(1, ge=1)
     ddp_backend: Literal["auto", "nccl", "gloo"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
+    report_to: list[Reporter] = Field(
+        ["tensorboard"],
+        description=(
+            "Trackers the Trainer logs loss, learning rate and validation metrics to, as TrainingArguments.report_to: "
+            "a name or a list of names. tensorboard writes event files into <run>/runs/ (`make tensorboard` shows "
+            "every run under outputs/); wandb and mlflow need their own package and settings (WANDB_PROJECT, "
+            "MLFLOW_TRACKING_URI, ...); none turns tracking off. Progress lines are printed whatever this says."
+        ),
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainParams:
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to lists 'none' together with other trackers: {self.report_to}")
+        return self
 
 
 class EvaluateParams(Section):
@@ -165,7 +188,7 @@ class GateCondition(Section):
     max: float | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "GateCondition":
+    def _check(self) -> GateCondition:
         if self.min is None and self.max is None:
             raise ValueError(f"gate condition on {self.metric!r} needs min or max")
         return self
@@ -176,7 +199,7 @@ class GateParams(Section):
     conditions: list[GateCondition] = []
 
     @model_validator(mode="after")
-    def _check(self) -> "GateParams":
+    def _check(self) -> GateParams:
         if self.enabled and not self.conditions:
             raise ValueError("an enabled gate needs at least one condition (or set enabled: false)")
         return self
@@ -218,6 +241,14 @@ def resolve_path(path: str | Path) -> Path:
     """Resolve a params path: absolute as given, relative to the repository root otherwise."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else ROOT / p
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> leaf value of a nested mapping ({"train": {"epochs": 3}} -> {"train.epochs": 3}); a list,
+    such as the gate's conditions, is one leaf."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -10,6 +10,9 @@ in its first code cell and `finish_stage` in its last one, so the rules hold und
   (metrics, ONNX files, temperature) next to outputs they were not computed from.
 - finish writes `<run>/stages/<stage>.json`: start and finish times, the params the stage depends on, the files
   it wrote.
+
+The runner streams each stage's printed output (training progress included) to its own stdout and stderr, line by
+line, while the stage runs; the executed notebook is written as well.
 """
 
 from __future__ import annotations
@@ -17,20 +20,35 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import shlex
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from lib.params import ROOT, Params, ParamsError, dump_params, load_params, parse_override, run_dir, save_params
+from lib.files import read_json, write_json
+from lib.params import (
+    ROOT,
+    Params,
+    ParamsError,
+    dump_params,
+    flatten,
+    load_params,
+    parse_override,
+    run_dir,
+    save_params,
+)
 
 NOTEBOOKS = ROOT / "notebooks"
 RECORDS = "stages"  # <run>/stages/<stage>.json once completed, <stage>.running.json while it runs
 HOW = "--params <profile>"  # how the run was invoked, for the command in a refusal; the runner fills it in
+PROJECT_KERNEL = "har-vit"  # `make setup`: python -m ipykernel install --sys-prefix --name har-vit
+FALLBACK_KERNEL = "python3"  # ipykernel's own kernel: the interpreter running the runner
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,7 @@ RUN_ONLY_KEYS = frozenset(
         "train.resume",
         "train.num_workers",
         "train.torch_threads",
+        "train.report_to",  # trackers only receive the numbers; nothing downstream reads runs/
         "evaluate.num_workers",
         "export.enabled",
         "publish.enabled",
@@ -148,16 +167,10 @@ def stage_params(params: Params, stage: str) -> dict[str, Any]:
     return picked
 
 
-def _flat(tree: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
-    return {prefix: tree}
-
-
 def params_diff(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: <value then> when it ran, <value now> now' for each dotted key that differs (run-only keys ignored)."""
-    old = {k: v for spec, sub in recorded.items() for k, v in _flat(sub, spec).items()}
-    new = {k: v for spec, sub in current.items() for k, v in _flat(sub, spec).items()}
+    old = {k: v for spec, sub in recorded.items() for k, v in flatten(sub, f"{spec}.").items()}
+    new = {k: v for spec, sub in current.items() for k, v in flatten(sub, f"{spec}.").items()}
     keys = sorted(old.keys() | new.keys())
     differ = [k for k in keys if k not in RUN_ONLY_KEYS and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
     show = lambda tree, k: json.dumps(tree[k]) if k in tree else "(absent)"  # noqa: E731
@@ -173,23 +186,9 @@ def _running_path(out: Path, stage: str) -> Path:
     return Path(out) / RECORDS / f"{stage}.running.json"
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, or torn by an interrupted write: treated as absent
-        return None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def read_record(out: Path, stage: str) -> dict | None:
     """The stage's completion record, or None when it has not completed."""
-    record = _read_json(record_path(out, stage))
+    record = read_json(record_path(out, stage), default=None)
     return record if isinstance(record, dict) else None
 
 
@@ -198,7 +197,7 @@ def _records(out: Path) -> dict[str, dict]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def missing_outputs(out: Path, stage: str) -> list[str]:
@@ -227,7 +226,7 @@ def _problems(out: Path, stage: str, params: Params, records: dict[str, dict]) -
         record = records.get(up)
         if record is None:
             if enabled(up, params):
-                running = _read_json(_running_path(out, up))
+                running = read_json(_running_path(out, up), default=None)
                 since = ""
                 if isinstance(running, dict):
                     since = f" (it started at {running.get('started')} and did not finish)"
@@ -269,17 +268,17 @@ def _remove(path: Path) -> bool:
 
 
 def _drop_key(path: Path, key: str) -> bool:
-    data = _read_json(path)
+    data = read_json(path, default=None)
     if not isinstance(data, dict) or key not in data:
         return False
     del data[key]
-    _write_json(path, data)
+    write_json(path, data)
     return True
 
 
 def _kept(stage: str, params: Params) -> tuple[str, ...]:
-    """Outputs a re-run keeps: train.resume continues from the checkpoints of the interrupted run."""
-    return ("checkpoints",) if stage == "train" and params.train.resume else ()
+    """Outputs a re-run keeps: train.resume continues from the checkpoints (and TensorBoard events) of the run."""
+    return ("checkpoints", "runs") if stage == "train" and params.train.resume else ()
 
 
 def invalidate(out: Path, stage: str, keep: tuple[str, ...] = ()) -> list[str]:
@@ -315,7 +314,7 @@ def begin_stage(out: Path, stage: str, params: Params, how: str = HOW) -> list[s
     if problems:
         raise StageError(_refusal(out, stage, problems, params, how))
     removed = invalidate(out, stage, _kept(stage, params))
-    _write_json(_running_path(out, stage), {"stage": stage, "started": _now(), "params": stage_params(params, stage)})
+    write_json(_running_path(out, stage), {"stage": stage, "started": _now(), "params": stage_params(params, stage)})
     # Every record left in the folder now agrees with these params on the keys its outputs depend on (checked
     # above; the rest was just deleted), so params.yaml cannot describe params that did not produce the folder.
     save_params(params, out / "params.yaml")
@@ -344,7 +343,7 @@ def finish_stage(out: Path, stage: str, params: Params, how: str = HOW) -> Path:
     if missing:
         raise StageError(f"stage '{stage}' did not write {', '.join(missing)} in {out}: not recording it as completed")
     spec = BY_NAME[stage]
-    running = _read_json(_running_path(out, stage))
+    running = read_json(_running_path(out, stage), default=None)
     record = {
         "stage": stage,
         "notebook": spec.notebook,
@@ -354,8 +353,10 @@ def finish_stage(out: Path, stage: str, params: Params, how: str = HOW) -> Path:
         "files": [f for rel in spec.outputs for f in _files(out, rel)],
     }
     if spec.merged:
-        record["merged"] = [f"{file}[{key!r}]" for file, key in spec.merged if key in (_read_json(out / file) or {})]
-    _write_json(record_path(out, stage), record)
+        record["merged"] = [
+            f"{file}[{key!r}]" for file, key in spec.merged if key in (read_json(out / file, default=None) or {})
+        ]
+    write_json(record_path(out, stage), record)
     _running_path(out, stage).unlink(missing_ok=True)
     return record_path(out, stage)
 
@@ -384,25 +385,83 @@ def stage_plan(params: Params, stages: list[str]) -> list[str]:
     return [s for s in STAGES if s in stages and enabled(s, params)]
 
 
+def kernel_name() -> str:
+    """The project's kernel when it is registered for this interpreter, else ipykernel's python3 (a bare venv)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(PROJECT_KERNEL)
+    except NoSuchKernel:
+        return FALLBACK_KERNEL
+    # A har-vit kernel found elsewhere (~/.local, another checkout's venv) would run another interpreter and import
+    # that checkout's lib. Paths are compared unresolved: every venv's python links to the same system binary.
+    exe = Path(spec.argv[0]) if spec.argv else Path()
+    if exe.is_absolute() and exe.is_relative_to(sys.prefix):
+        return PROJECT_KERNEL
+    log.warning("kernel %r runs %s, not this environment's Python; using %r", PROJECT_KERNEL, exe, FALLBACK_KERNEL)
+    return FALLBACK_KERNEL
+
+
+class StageOutput:
+    """A file-like sink for one stream of a stage's kernel: writes whole lines to `stream`, prefixed with the stage.
+
+    papermill hands it each chunk the kernel sends, which may end mid-line. A line redrawn with carriage returns
+    (a tqdm bar) is written once, as it last looked, when its newline comes.
+    """
+
+    def __init__(self, stage: str, stream: TextIO):
+        self.prefix = f"[{stage}] "
+        self.stream = stream
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:  # papermill flushes after every chunk: a partial line waits for its end
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Write what is left of an unterminated last line."""
+        if self.pending:
+            self._emit(self.pending)
+            self.pending = ""
+
+    def _emit(self, line: str) -> None:
+        self.stream.write(self.prefix + line.rstrip("\r").rsplit("\r", 1)[-1] + "\n")
+        self.stream.flush()
+
+
 def run_stage(stage: str, params_file: Path, out: Path) -> Path:
-    """Execute one stage notebook with papermill into out/notebooks; raise StageError on failure."""
+    """Execute one stage notebook with papermill into out/notebooks, streaming its output; StageError on failure."""
     import papermill as pm
 
     target = out / "notebooks" / STAGES[stage]
     target.parent.mkdir(parents=True, exist_ok=True)
+    sinks = StageOutput(stage, sys.stdout), StageOutput(stage, sys.stderr)
     try:
+        # The kernel's own stdout and stderr go to the sinks as they arrive (training prints a line per logging
+        # step and per epoch). papermill's log_output would log each chunk as it comes, partial lines and tqdm
+        # redraws included, and its per-cell bar would cut through the lines, so both stay off.
         pm.execute_notebook(
             str(NOTEBOOKS / STAGES[stage]),
             str(target),
             parameters={"params_file": str(params_file), "overrides": []},
             cwd=str(NOTEBOOKS),
-            kernel_name="python3",
-            progress_bar=True,
+            kernel_name=kernel_name(),
+            progress_bar=False,
             log_output=False,
+            stdout_file=sinks[0],
+            stderr_file=sinks[1],
         )
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
         reason = getattr(exc, "ename", type(exc).__name__) + ": " + str(getattr(exc, "evalue", exc))
         raise StageError(f"stage '{stage}' failed; executed notebook: {target}\n{reason}") from None
+    finally:
+        for sink in sinks:
+            sink.close()
     return target
 
 
@@ -463,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--begin", choices=list(STAGES), metavar="STAGE", help="check a stage's inputs, clear outputs")
     mode.add_argument("--finish", choices=list(STAGES), metavar="STAGE", help="record a stage as completed")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     base = args.overrides + ([f"run.name={args.run}"] if args.run else [])
     try:

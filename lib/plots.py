@@ -72,7 +72,9 @@ def confusion_heatmaps(cm: np.ndarray, labels: list[str]) -> Any:
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
     fig, axes = plt.subplots(1, 2, figsize=(22, 9))
     sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", xticklabels=labels, yticklabels=labels, ax=axes[0], cbar=False)
-    sns.heatmap(norm, annot=True, fmt=".2f", cmap="Blues", vmin=0, vmax=1, xticklabels=labels, yticklabels=labels, ax=axes[1])
+    sns.heatmap(
+        norm, annot=True, fmt=".2f", cmap="Blues", vmin=0, vmax=1, xticklabels=labels, yticklabels=labels, ax=axes[1]
+    )
     for ax, title in zip(axes, ("Confusion matrix (counts)", "Confusion matrix (row-normalised)")):
         ax.set(xlabel="predicted", ylabel="true", title=title)
         ax.tick_params(axis="x", rotation=60)

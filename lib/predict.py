@@ -7,12 +7,16 @@ imported inside the functions that need it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from lib.calibration import softmax
+from lib.files import read_json
+from lib.labels import config_labels
 from lib.transforms import ImageSpec, eval_batch, load_spec
 
 EXPORT_DIR = "export"
@@ -31,7 +35,8 @@ def dataset_logits(
     precision: str = "auto",
     per_view: bool = False,
 ) -> np.ndarray:
-    """Logits (N, C) for a split: batched DataLoader, inference_mode, bf16/fp16 autocast on GPU (precision="fp32" disables it).
+    """Logits (N, C) for a split: batched DataLoader, inference_mode, bf16/fp16 autocast on GPU (precision="fp32"
+    disables it).
 
     tta_flip averages the logits of each image and its mirror. per_view returns (N, V, C) instead: view 0 the
     image as served, view 1 its mirror when tta_flip, so one pass gives both the TTA and the served logits.
@@ -56,7 +61,10 @@ def dataset_logits(
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
     use_autocast = on_gpu and precision != "fp32"
     out = []
-    with torch.inference_mode(), torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=dtype, enabled=use_autocast):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=dtype, enabled=use_autocast),
+    ):
         for batch in loader:
             pixels = batch["pixel_values"].to(device, non_blocking=True)
             if tta_flip:
@@ -68,14 +76,6 @@ def dataset_logits(
             out.append(views.cpu().numpy())
     views = np.concatenate(out) if out else np.zeros((0, 2 if tta_flip else 1, model.config.num_labels), np.float32)
     return views if per_view else views.mean(axis=1)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax(logits / temperature) in float64, returned as float32."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 class Predictor:
@@ -100,7 +100,10 @@ class Predictor:
         self.batch_size = batch_size
 
     def __repr__(self) -> str:
-        return f"Predictor(backend={self.backend!r}, model_file={self.model_file!r}, classes={len(self.labels)}, T={self.temperature:.3f})"
+        return (
+            f"Predictor(backend={self.backend!r}, model_file={self.model_file!r}, classes={len(self.labels)}, "
+            f"T={self.temperature:.3f})"
+        )
 
     def pixels(self, images: list[Image.Image]) -> np.ndarray:
         """The model input for these images: exactly lib.transforms.eval_transform, stacked (N, 3, S, S)."""
@@ -119,7 +122,7 @@ class Predictor:
 
     def predict_proba(self, images: list[Image.Image]) -> np.ndarray:
         """Calibrated class probabilities (N, C): softmax(logits / temperature)."""
-        return softmax(self.logits(images), self.temperature)
+        return softmax(self.logits(images), self.temperature).astype(np.float32)
 
     def top_k(self, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
         """The k most likely labels for one image with their probabilities, most likely first."""
@@ -133,18 +136,14 @@ def model_folder(root: Path) -> Path:
     root = Path(root)
     model_dir = root / "model" if (root / "model").is_dir() else root
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no saved model in {root} (expected {root / 'model' / 'config.json'}): run the train stage first")
+        raise FileNotFoundError(
+            f"no saved model in {root} (expected {root / 'model' / 'config.json'}): run the train stage first"
+        )
     return model_dir
 
 
-def read_labels(model_dir: Path) -> list[str]:
-    """Label names from config.json (plain json)."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]
-
-
 def read_temperature(model_dir: Path) -> float:
-    """The PyTorch model's temperature (calibration.json, fitted on its single-view logits), 1.0 if none (plain json)."""
+    """The PyTorch model's temperature (calibration.json, fitted on its single-view logits), 1.0 if none."""
     path = Path(model_dir) / "calibration.json"
     return float(json.loads(path.read_text())["temperature"]) if path.is_file() else 1.0
 
@@ -159,7 +158,7 @@ def serving_temperature(root: Path, serving: dict | None) -> float:
 def read_serving(root: Path) -> dict | None:
     """export/serving.json of a run or registry version folder, None if the model was not exported."""
     path = Path(root) / EXPORT_DIR / SERVING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, default=None)
 
 
 def onnx_session(path: Path, threads: int | None = None) -> Any:
@@ -212,7 +211,7 @@ def load_predictor(root: Path, backend: str = "auto", device: str = "cpu", threa
     """A calibrated Predictor for a run or registry version folder (holding model/ and maybe export/)."""
     root = Path(root)
     model_dir = model_folder(root)
-    labels, spec, temperature = read_labels(model_dir), load_spec(model_dir), read_temperature(model_dir)
+    labels, spec, temperature = config_labels(model_dir), load_spec(model_dir), read_temperature(model_dir)
     chosen = resolve_backend(root, backend, device)
     if chosen == "onnx":
         if device != "cpu":
@@ -233,4 +232,3 @@ def load_predictor(root: Path, backend: str = "auto", device: str = "cpu", threa
         torch.set_num_threads(int(threads))
     run = torch_runner(load_model(model_dir), device)
     return Predictor(run, labels, spec, temperature, "torch", str(model_dir / "model.safetensors"))
-

@@ -1,15 +1,17 @@
-"""Training with the Hugging Face Trainer: recipe, mixup/cutmix, layer-wise LR decay, DDP launch."""
+"""Training with the Hugging Face Trainer: recipe, mixup/cutmix, layer-wise LR decay, progress lines, DDP launch."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +19,8 @@ from lib.params import Params, TrainParams, load_params, run_dir
 
 
 def device_precision(precision: str) -> dict[str, bool]:
-    """TrainingArguments flags for the precision setting ('auto': bf16 on a capable GPU, fp16 on others, fp32 on CPU)."""
+    """TrainingArguments flags for the precision setting ('auto': bf16 on a capable GPU, fp16 on others, fp32 on
+    the CPU)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -114,7 +117,9 @@ def recipe_trainer_class() -> type:
             # Evaluation runs with model.eval(): validation batches keep their integer labels and pixels.
             if self.mixer is not None and model.training:
                 inputs = self.mixer(inputs)
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
         # The Trainer reloads checkpoints with a raw load_state_dict, but save_pretrained writes the checkpoint
         # in the original Hub key layout (ViT: vit.encoder.layer.N...), which the live model (vit.layers.N...) does
@@ -134,7 +139,9 @@ def load_checkpoint_weights(model: Any, folder: str | Path) -> None:
     saved = type(model).from_pretrained(str(folder), config=model.config)
     missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"checkpoint {folder} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
 
 
 def layer_id(name: str, n_layers: int) -> int:
@@ -204,12 +211,88 @@ def training_arguments(tp: TrainParams, out: Path, seed: int) -> Any:
         dataloader_num_workers=tp.num_workers,
         dataloader_persistent_workers=tp.num_workers > 0,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=list(tp.report_to),
+        run_name=out.name,  # the run folder's name in wandb / mlflow
         seed=seed,
         ddp_backend=backend,
         ddp_find_unused_parameters=False if distributed else None,
         **flags,
     )
+
+
+def format_duration(seconds: float) -> str:
+    """'4:05' below an hour, '1:02:03' from an hour on."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_callback_class() -> type:
+    """A TrainerCallback printing one plain line per logging step, per evaluation and at the end of training.
+
+    The Trainer's tqdm bar redraws one line with carriage returns: through papermill, a pipe or a log file every
+    redraw becomes a line of its own. These lines read the same in a terminal, a log and an executed notebook.
+    Speed and time left are averaged from the start of this training (evaluations and checkpoints included).
+    """
+    from transformers import TrainerCallback
+
+    class ProgressLines(TrainerCallback):
+        def __init__(self, clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] | None = None):
+            self.clock = clock
+            self.emit = emit or (lambda line: print(line, flush=True))
+            self.start: tuple[float, int] | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start = (self.clock(), state.global_step)  # a resumed run starts at its checkpoint's step
+
+        def speed(self, state: Any) -> tuple[str, str]:
+            """('3.2 it/s', '1:05 left'), or dashes before the first step."""
+            t0, step0 = self.start or (self.clock(), state.global_step)
+            elapsed, steps = self.clock() - t0, state.global_step - step0
+            if elapsed <= 0 or steps <= 0:
+                return "- it/s", "- left"
+            rate = steps / elapsed
+            return f"{rate:.3g} it/s", f"{format_duration(max(state.max_steps - state.global_step, 0) / rate)} left"
+
+        def where(self, state: Any) -> str:
+            share = state.global_step / state.max_steps if state.max_steps else 0.0
+            return f"step {state.global_step}/{state.max_steps} ({share:.0%})"
+
+        def epoch(self, state: Any) -> str:
+            epoch = state.epoch or 0.0
+            shown = f"{epoch:.0f}" if abs(epoch - round(epoch)) < 1e-6 else f"{epoch:.2f}"
+            return f"epoch {shown}/{state.num_train_epochs}"
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            logs = logs or {}
+            if "loss" in logs:
+                rate, left = self.speed(state)
+                lr = f" | lr {logs['learning_rate']:.2e}" if "learning_rate" in logs else ""
+                self.emit(f"{self.where(state)} | {self.epoch(state)} | loss {logs['loss']:.4f}{lr} | {rate} | {left}")
+            elif "train_runtime" in logs:
+                best = f" | best val accuracy {state.best_metric:.4f}" if state.best_metric is not None else ""
+                loss = f" | train loss {logs['train_loss']:.4f}" if "train_loss" in logs else ""
+                self.emit(f"done: {state.global_step} steps in {format_duration(logs['train_runtime'])}{loss}{best}")
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+            metrics = metrics or {}
+            if not state.is_world_process_zero or "eval_accuracy" not in metrics:
+                return
+            loss = f" | val loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+            _, left = self.speed(state)
+            accuracy = f"val accuracy {metrics['eval_accuracy']:.4f}{loss}"
+            self.emit(f"{self.epoch(state)} | {accuracy} | {self.where(state)} | {left}")
+
+    return ProgressLines
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (JupyterLab, papermill), where the Trainer draws an HTML bar."""
+    from transformers.utils import is_in_notebook
+
+    return is_in_notebook()
 
 
 def last_checkpoint(out: Path) -> str | None:
@@ -238,7 +321,28 @@ def build_trainer(params: Params, model: Any, train_ds: Any, eval_ds: Any, out: 
         optimizers=(optimizer or torch.optim.AdamW(param_groups(model, tp), lr=tp.learning_rate), None),
     )
     trainer.mixer = batch_mixer(model.config.num_labels, tp, params.run.seed)
+    trainer.add_callback(progress_callback_class()())
+    if not in_notebook():
+        from transformers.trainer_callback import ProgressCallback
+
+        # Outside a notebook (torchrun's processes, whose output the notebook streams; the CLI) the tqdm bar's
+        # redraws would each become a line; the progress lines replace it. A notebook keeps its HTML bar.
+        trainer.remove_callback(ProgressCallback)
+    send_tensorboard_to(trainer, out / "runs")
     return trainer
+
+
+def send_tensorboard_to(trainer: Any, folder: Path) -> None:
+    """Make the Trainer's TensorBoard callback, if report_to has one, write its event files into `folder`.
+
+    transformers 5 has no TrainingArguments.logging_dir: by default the events would land among the checkpoints,
+    in checkpoints/runs/<date>_<host>/, where `make tensorboard` and the stage's outputs would not name them.
+    """
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(folder)
 
 
 def train(params: Params, out: Path) -> dict:
@@ -255,7 +359,9 @@ def train(params: Params, out: Path) -> dict:
     labels = class_names(splits["train"])
     model, processor, spec = build_model(params.model, labels)
     train_ds = splits["train"].with_transform(train_batch_transform(spec, tp.augment.model_dump()))
-    trainer = build_trainer(params, model, train_ds, splits["validation"].with_transform(eval_batch_transform(spec)), out)
+    trainer = build_trainer(
+        params, model, train_ds, splits["validation"].with_transform(eval_batch_transform(spec)), out
+    )
     args = trainer.args
     resume = last_checkpoint(out) if tp.resume else None
     start = time.time()
@@ -283,7 +389,9 @@ def train(params: Params, out: Path) -> dict:
     return summary
 
 
-def torchrun_command(params_file: Path, tp: TrainParams, node_rank: int = 0, master: str = "127.0.0.1:29500") -> list[str]:
+def torchrun_command(
+    params_file: Path, tp: TrainParams, node_rank: int = 0, master: str = "127.0.0.1:29500"
+) -> list[str]:
     """The torchrun command that runs `python -m lib.train` in num_gpus processes on each of `nodes` machines."""
     return [
         sys.executable, "-m", "torch.distributed.run",
@@ -297,10 +405,15 @@ def torchrun_command(params_file: Path, tp: TrainParams, node_rank: int = 0, mas
 
 
 def stream(cmd: list[str], env: dict | None = None) -> Iterator[str]:
-    """Run a command and yield its output lines as they come; raise on a non-zero exit."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+    """Run a command and yield its output lines as they come; raise on a non-zero exit.
+
+    Lines end at newlines only: text mode would also end one at each carriage return, so every redraw of a
+    progress bar in the command's output would arrive as a line of its own.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     assert proc.stdout is not None
-    yield from proc.stdout
+    for raw in proc.stdout:
+        yield raw.decode(errors="replace")
     if proc.wait():
         raise RuntimeError(f"command failed with exit status {proc.returncode}: {' '.join(cmd)}")
 
@@ -328,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("params_file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params_file, args.overrides)
     train(params, run_dir(params))
     return 0

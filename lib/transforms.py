@@ -45,6 +45,27 @@ def spec_from_processor(processor: Any, crop_pct: float = 0.875) -> ImageSpec:
     return ImageSpec(size=int(side), mean=mean, std=std, crop_pct=crop_pct)  # type: ignore[arg-type]
 
 
+def processor_config(spec: ImageSpec) -> dict[str, Any]:
+    """Settings of a transformers image processor (ViTImageProcessor, PIL backend) that does exactly eval_transform:
+    RGB with transparency on white, bicubic resize of the shorter side to spec.resize_to, center crop spec.size,
+    rescale by 1/255, normalise with spec.mean and spec.std."""
+    if spec.resize_to < spec.size:  # eval_transform then stretches the image; a shortest-edge resize cannot say that
+        raise ValueError(f"crop_pct {spec.crop_pct} > 1 has no image processor equivalent")
+    return {
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": spec.resize_to},
+        "resample": int(RESAMPLE),
+        "do_center_crop": True,
+        "crop_size": {"height": spec.size, "width": spec.size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
+    }
+
+
 def save_spec(spec: ImageSpec, model_dir: str | Path) -> Path:
     """Write the spec next to a saved model as preprocessing.json."""
     path = Path(model_dir) / SPEC_FILE
@@ -55,7 +76,9 @@ def save_spec(spec: ImageSpec, model_dir: str | Path) -> Path:
 def load_spec(model_dir: str | Path) -> ImageSpec:
     """Read preprocessing.json from a saved model folder."""
     raw = json.loads((Path(model_dir) / SPEC_FILE).read_text())
-    return ImageSpec(size=int(raw["size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]), crop_pct=float(raw["crop_pct"]))
+    return ImageSpec(
+        size=int(raw["size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]), crop_pct=float(raw["crop_pct"])
+    )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -88,12 +111,20 @@ def _normalize(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def resize_shape(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
+    """(width, height) after the resize that precedes the center crop: shorter side spec.resize_to."""
+    short, long = min(width, height), max(width, height)
+    # The longer side is truncated, not rounded: torchvision's Resize and transformers' shortest_edge resize do so,
+    # and the saved image processor (processor_config) must land on the same pixel grid.
+    long = int(spec.resize_to * long / short)
+    nw, nh = (spec.resize_to, long) if width <= height else (long, spec.resize_to)
+    return max(spec.size, nw), max(spec.size, nh)
+
+
 def resize_for_crop(img: Image.Image, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """The image resized so its shorter side is spec.resize_to, and the center-crop box within it."""
     img = to_rgb(img)
-    w, h = img.size
-    scale = spec.resize_to / min(w, h)
-    nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+    nw, nh = resize_shape(*img.size, spec)
     left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
     return img.resize((nw, nh), RESAMPLE), (left, top, left + spec.size, top + spec.size)
 
@@ -111,7 +142,11 @@ def eval_transform(img: Image.Image, spec: ImageSpec) -> np.ndarray:
 
 def eval_batch(images: list[Image.Image], spec: ImageSpec) -> np.ndarray:
     """Stack eval transforms into an (N, 3, S, S) float32 array."""
-    return np.stack([eval_transform(im, spec) for im in images]) if images else np.zeros((0, 3, spec.size, spec.size), np.float32)
+    return (
+        np.stack([eval_transform(im, spec) for im in images])
+        if images
+        else np.zeros((0, 3, spec.size, spec.size), np.float32)
+    )
 
 
 def train_transform(
@@ -140,7 +175,9 @@ def train_transform(
     # Crop and shrink first, so that rotation and jitter work on spec.size pixels, not the full photo.
     img = img.resize((spec.size, spec.size), RESAMPLE, box=(left, top, left + cw, top + ch), reducing_gap=2.0)
     if rotation_deg > 0:
-        img = img.rotate(float(rng.uniform(-rotation_deg, rotation_deg)), Image.Resampling.BILINEAR, fillcolor=(124, 116, 104))
+        img = img.rotate(
+            float(rng.uniform(-rotation_deg, rotation_deg)), Image.Resampling.BILINEAR, fillcolor=(124, 116, 104)
+        )
     if hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if color_jitter > 0:

@@ -23,14 +23,25 @@ def main(out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = VitConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=32)
+    config = VitConfig(
+        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
     model, _, _ = build_model(ModelParams(config=config), LABELS)
     gen = torch.Generator().manual_seed(1)
-    examples = [{"pixel_values": torch.randn(3, 16, 16, generator=gen), "labels": torch.tensor(i % 5)}
-                for i in range(GLOBAL_BATCH)]
-    params = Params(train=TrainParams(batch_size=GLOBAL_BATCH // world, max_steps=1, label_smoothing=0.1,
-                                      layer_decay=0.75, mixup_alpha=0.0, num_workers=0))
+    examples = [
+        {"pixel_values": torch.randn(3, 16, 16, generator=gen), "labels": torch.tensor(i % 5)}
+        for i in range(GLOBAL_BATCH)
+    ]
+    params = Params(
+        train=TrainParams(
+            batch_size=GLOBAL_BATCH // world,
+            max_steps=1,
+            label_smoothing=0.1,
+            layer_decay=0.75,
+            mixup_alpha=0.0,
+            num_workers=0,
+        )
+    )
     trainer = build_trainer(params, model, examples, examples, out)
     trainer.args.logging_steps = 1  # the recipe logs every 10 steps; this run has one
     trainer.train()

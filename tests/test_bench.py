@@ -1,4 +1,4 @@
-"""lib.bench --quick writes the benchmark JSON; lib.gpu_bench refuses without CUDA and runs --dry-run."""
+"""lib.bench --quick writes the benchmark JSON; lib.bench.gpu refuses without CUDA and runs --dry-run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import bench, gpu_bench
+from lib.bench import cpu as bench
+from lib.bench import gpu as gpu_bench
 
 torch.set_num_threads(1)
 
@@ -44,7 +45,9 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "latency ratio" in capsys.readouterr().out
 
 
-def test_gpu_bench_refuses_without_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpu_bench_refuses_without_cuda(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Without CUDA and without --dry-run: exit status 2, a message, no JSON."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_bench.main(["--out", str(tmp_path)]) == 2

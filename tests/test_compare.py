@@ -41,8 +41,10 @@ def make_run(
     """A run folder as the pipeline leaves it: params.yaml, metrics.json, train_history.json."""
     run = root / name
     save_params(params_file(tmp_path, overrides + [f"run.name={name}"]), run / "params.yaml")
-    per_class = {c: {"precision": accuracy, "recall": accuracy, "f1": round(accuracy - 0.1 * i, 3), "support": 12}
-                 for i, c in enumerate(CLASSES)}
+    per_class = {
+        c: {"precision": accuracy, "recall": accuracy, "f1": round(accuracy - 0.1 * i, 3), "support": 12}
+        for i, c in enumerate(CLASSES)
+    }
     metrics = {
         "accuracy": accuracy,
         "f1_weighted": accuracy - 0.01,
@@ -53,8 +55,13 @@ def make_run(
         "train": {"train_runtime_s": 100.0 + 10 * len(overrides), "epochs": 2},
     }
     if calibration:
-        metrics["calibration"] = {"temperature": 1.5, "ece_before": 0.12, "ece_after": 0.04,
-                                  "nll_before": 1.3, "nll_after": 1.1}
+        metrics["calibration"] = {
+            "temperature": 1.5,
+            "ece_before": 0.12,
+            "ece_after": 0.04,
+            "nll_before": 1.3,
+            "nll_after": 1.1,
+        }
     (run / "metrics.json").write_text(json.dumps(metrics))
     history = [
         {"epoch": 1.0, "loss": 2.0, "step": 10},
@@ -151,8 +158,12 @@ def execute(tmp_path: Path, runs_root: Path, pattern: str = "*") -> nbformat.Not
 
     out = tmp_path / "05_executed.ipynb"
     pm.execute_notebook(
-        str(NOTEBOOK), str(out), parameters={"runs_root": str(runs_root), "pattern": pattern},
-        cwd=str(NOTEBOOK.parent), kernel_name="python3", progress_bar=False,
+        str(NOTEBOOK),
+        str(out),
+        parameters={"runs_root": str(runs_root), "pattern": pattern},
+        cwd=str(NOTEBOOK.parent),
+        kernel_name="python3",
+        progress_bar=False,
     )
     return nbformat.read(out, as_version=4)
 

@@ -19,15 +19,25 @@ from PIL import Image
 
 from lib.params import ROOT, GateParams, ModelParams, Params, VitConfig, save_params
 
+pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a browser
+
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 MODEL_NAME = "har-vit-test"
 TOP_K = 3
 MAX_UPLOAD_MIB = 20
 SCREENSHOT = ROOT / "outputs" / "screenshots" / "dashboard.png"
 SERVERS: dict[str, int] = {}  # url -> Voila process id, for counting its kernels
-needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)"
+)
 
 
 # --------------------------------------------------------------------------- shared helpers (test_deploy uses them)
@@ -35,20 +45,28 @@ needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chro
 
 def tiny_model_params() -> ModelParams:
     """A very small ViT so export and inference take a moment only."""
-    return ModelParams(config=VitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, intermediate_size=64))
+    return ModelParams(
+        config=VitConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
 
 
 def make_run(run_dir: Path) -> Path:
     """A run folder as the pipeline leaves it: model/, export/ (when lib.export exists), metrics, params, plot."""
-    from lib.model import build_model, save_model
-    from lib.synthetic import CLASS_NAMES
-
     import torch
+
+    from lib.labels import HAR_CLASSES
+    from lib.model import build_model, save_model
 
     torch.manual_seed(0)
     params = Params(model=tiny_model_params())
-    model, processor, spec = build_model(params.model, list(CLASS_NAMES))
+    model, processor, spec = build_model(params.model, list(HAR_CLASSES))
     save_model(model, processor, spec, run_dir / "model")
     save_params(params, run_dir / "params.yaml")
     served = {"backend": "onnx", "variant": "int8", "file": "export/model.int8.onnx", "accuracy": 0.7969, "ece": 0.0412}
@@ -79,7 +97,7 @@ def export_run(run_dir: Path, params: Params) -> None:
 
 def publish_run(run_dir: Path, registry: str) -> dict:
     """Publish a run folder with the gate off; return publish()'s record."""
-    from lib.registry import publish
+    from lib.registry.publish import publish
 
     result = publish(run_dir, registry, MODEL_NAME, GateParams(enabled=False))
     assert result["published"], result
@@ -113,7 +131,15 @@ def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 9
 
 def voila_command(port: int) -> list[str]:
     """The dashboard's voila command line (as `make dashboard` runs it), on 127.0.0.1:port."""
-    return [sys.executable, "-m", "voila", "notebooks/dashboard.ipynb", "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}"]
+    return [
+        sys.executable,
+        "-m",
+        "voila",
+        "notebooks/dashboard.ipynb",
+        "--no-browser",
+        "--Voila.ip=127.0.0.1",
+        f"--port={port}",
+    ]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -129,7 +155,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def photo(label: int = 4, size: tuple[int, int] = (320, 240)) -> bytes:
     """A synthetic stick-figure photo as JPEG bytes."""
-    from lib.synthetic import render
+    from lib.demo.synthetic import render
 
     buf = io.BytesIO()
     render(label, np.random.default_rng(label), size).convert("RGB").save(buf, "JPEG", quality=90)
@@ -142,7 +168,7 @@ def photo(label: int = 4, size: tuple[int, int] = (320, 240)) -> bytes:
 def test_cards_escape_user_text():
     from html.parser import HTMLParser
 
-    from lib.dashboard import render_bars, render_error
+    from lib.dashboard.app import render_bars, render_error
 
     class Tags(HTMLParser):
         """Collects start tags and attribute names."""
@@ -162,7 +188,7 @@ def test_cards_escape_user_text():
 
 
 def test_occlusion_uses_exactly_the_model_input(tmp_path_factory: pytest.TempPathFactory):
-    from lib.dashboard import load_bundle, model_input_view, occlusion_map
+    from lib.dashboard.app import load_bundle, model_input_view, occlusion_map
     from lib.params import DashboardParams
     from lib.transforms import resize_center_crop
 
@@ -171,14 +197,16 @@ def test_occlusion_uses_exactly_the_model_input(tmp_path_factory: pytest.TempPat
     resized, box = model_input_view(img, bundle.spec)
     assert np.array_equal(np.asarray(resized.crop(box)), np.asarray(resize_center_crop(img, bundle.spec)))
     # the unoccluded input in the occlusion batch gives the same probabilities as a plain prediction
-    np.testing.assert_allclose(bundle.predictor.predict_proba([resized]), bundle.predictor.predict_proba([img]), atol=1e-6)
+    np.testing.assert_allclose(
+        bundle.predictor.predict_proba([resized]), bundle.predictor.predict_proba([img]), atol=1e-6
+    )
     heat, crop = occlusion_map(bundle, img, bundle.predictor.labels[0])
     assert heat.shape == (bundle.patch_grid, bundle.patch_grid) and 0 <= heat.min() and heat.max() <= 1
     assert crop.size == (bundle.spec.size, bundle.spec.size)
 
 
 def test_upload_cards_check_declared_and_real_sizes(tmp_path_factory: pytest.TempPathFactory):
-    from lib.dashboard import load_bundle, upload_cards
+    from lib.dashboard.app import load_bundle, upload_cards
     from lib.params import DashboardParams
 
     p = DashboardParams(max_upload_mib=1, top_k=2)
@@ -201,7 +229,7 @@ def test_upload_cards_check_declared_and_real_sizes(tmp_path_factory: pytest.Tem
 def test_start_up_failure_is_a_message_not_a_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import IPython.display
 
-    from lib import dashboard
+    from lib.dashboard import app as dashboard
 
     shown: list[str] = []
     monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(getattr(obj, "data", repr(obj))))
@@ -328,11 +356,19 @@ def test_page_shows_model_and_no_source(page, server: str):
     assert "accuracy 0.812" in info.inner_text()
     assert "As served int8 (model.int8.onnx): accuracy 0.797 · calibration error 0.041" in info.inner_text()
     content = page.content()
-    for leak in ("from lib.dashboard import main", "params_file =", "main(params_file", "Traceback"):
+    for leak in ("from lib.dashboard.app import main", "params_file =", "main(params_file", "Traceback"):
         assert leak not in content
     # no file serving, no notebook download, no Jupyter API to run code
-    for path in ("voila/files/dashboard.ipynb", "dashboard.ipynb", "voila/files/confusion.png", "api/contents",
-                 "api/sessions", "api/kernels", "lab", "tree"):
+    for path in (
+        "voila/files/dashboard.ipynb",
+        "dashboard.ipynb",
+        "voila/files/confusion.png",
+        "api/contents",
+        "api/sessions",
+        "api/kernels",
+        "lab",
+        "tree",
+    ):
         resp = requests.get(server + path, timeout=30)
         assert resp.status_code in (403, 404, 405), (path, resp.status_code)
 
@@ -400,7 +436,11 @@ def test_upload_batch_budget_is_enforced_in_the_browser(page):
     limits = page.evaluate("window.harUploadLimits")
     page.evaluate("window.harUploadLimits = {file: window.harUploadLimits.file, batch: 300000}")
     try:
-        upload(page, [payload("first.jpg", photo(1, (900, 700))), payload("second.bmp", b"BM" + b"\0" * 299_000, "image/bmp")], expect=2)
+        upload(
+            page,
+            [payload("first.jpg", photo(1, (900, 700))), payload("second.bmp", b"BM" + b"\0" * 299_000, "image/bmp")],
+            expect=2,
+        )
     finally:
         page.evaluate(f"window.harUploadLimits = {json.dumps(limits)}")
     assert newest(page, ".har-error").get_attribute("data-name") == "second.bmp"
@@ -409,11 +449,16 @@ def test_upload_batch_budget_is_enforced_in_the_browser(page):
 
 @needs_chromium
 def test_url_to_metadata_service_is_refused(page):
-    for url, message in (("http://169.254.169.254/latest/meta-data/", "private or reserved"), ("file:///etc/passwd", "Only http")):
+    for url, message in (
+        ("http://169.254.169.254/latest/meta-data/", "private or reserved"),
+        ("file:///etc/passwd", "Only http"),
+    ):
         before = cards(page)
         page.fill(".har-url input", url)
         page.click(".har-url-button")
-        page.wait_for_function(f"document.querySelectorAll('.har-results .har-result, .har-results .har-error').length > {before}")
+        page.wait_for_function(
+            f"document.querySelectorAll('.har-results .har-result, .har-results .har-error').length > {before}"
+        )
         assert message in newest(page, ".har-error").inner_text()
 
 

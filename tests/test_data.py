@@ -19,7 +19,7 @@ NAMES = ["calling", "clapping", "cycling"]
 def image_folder(root, per_class=10, duplicates=3):
     """An image folder of random JPEGs, with `duplicates` byte-identical copies in each class."""
     rng = np.random.default_rng(0)
-    for c, name in enumerate(NAMES):
+    for name in NAMES:
         folder = root / name
         folder.mkdir(parents=True)
         for i in range(per_class):
@@ -323,7 +323,11 @@ def test_batch_transforms(tmp_path):
     from lib.transforms import ImageSpec
 
     folder = image_folder(tmp_path / "images", per_class=4, duplicates=0)
-    dd, _ = data.prepare(DataParams(source="imagefolder", path=str(folder), val_fraction=0.25, test_fraction=0.25), tmp_path / "o", tmp_path / "c")
+    dd, _ = data.prepare(
+        DataParams(source="imagefolder", path=str(folder), val_fraction=0.25, test_fraction=0.25),
+        tmp_path / "o",
+        tmp_path / "c",
+    )
     spec = ImageSpec(size=16)
     ev = dd["train"].with_transform(data.eval_batch_transform(spec))
     assert torch.equal(ev[0]["pixel_values"], ev[0]["pixel_values"])

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import requests
+from test_dashboard import CHROMIUM, CHROMIUM_ARGS, MODEL_NAME, free_port, publish_run, shared_run, stop, wait_http
 from traitlets.config.loader import JSONFileConfigLoader
 from traitlets.utils.importstring import import_item
 
-from lib.dashboard import WEBSOCKET_MAX_BYTES, capped_kernel_manager_class, dashboard_params, server_settings
+from lib.dashboard.server import CappedKernelManager, server_settings
+from lib.dashboard.settings import WEBSOCKET_MAX_BYTES, dashboard_params
+from lib.files import MIB
 from lib.params import ROOT, ParamsError
-from lib.uploads import MIB
-from test_dashboard import CHROMIUM, CHROMIUM_ARGS, MODEL_NAME, free_port, publish_run, shared_run, stop, wait_http
+
+pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a browser
 
 BOOTSTRAP = ROOT / "deploy" / "bootstrap.sh"
 UNIT = ROOT / "deploy" / "har-dashboard.service"
@@ -27,9 +30,17 @@ UNIT = ROOT / "deploy" / "har-dashboard.service"
 def test_unit_has_restart_user_network_and_hardening():
     text = UNIT.read_text()
     for line in (
-        "After=network-online.target", "Wants=network-online.target", "Restart=on-failure", "User=@USER@",
-        "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "ProtectHome=yes", "MemoryMax=3G",
-        "EnvironmentFile=@ENV_FILE@", "WantedBy=multi-user.target",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "Restart=on-failure",
+        "User=@USER@",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "MemoryMax=3G",
+        "EnvironmentFile=@ENV_FILE@",
+        "WantedBy=multi-user.target",
     ):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     exec_start = re.search(r"^ExecStart=(.*)$", text, re.M).group(1)
@@ -56,7 +67,7 @@ def test_voila_config_file_settings():
 def test_kernel_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HAR_MAX_KERNELS", "3")
     monkeypatch.setenv("HAR_KERNEL_IDLE_SECONDS", "120")
-    km = capped_kernel_manager_class()()
+    km = CappedKernelManager()
     assert (km.max_kernels, km.cull_idle_timeout, km.cull_interval, km.cull_connected) == (3, 120, 60, True)
     monkeypatch.setenv("HAR_MAX_KERNELS", "lots")
     with pytest.raises(ParamsError, match="HAR_MAX_KERNELS"):
@@ -66,10 +77,19 @@ def test_kernel_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch
 
 
 def test_dashboard_env_overrides_params(tmp_path: Path):
-    env = {"HAR_REGISTRY": "s3://bucket/models", "HAR_TOP_K": "3", "HAR_MODEL_VERSION": "20250101T000000Z-abcd1234",
-           "HAR_LOW_CONFIDENCE": "0.3"}
+    env = {
+        "HAR_REGISTRY": "s3://bucket/models",
+        "HAR_TOP_K": "3",
+        "HAR_MODEL_VERSION": "20250101T000000Z-abcd1234",
+        "HAR_LOW_CONFIDENCE": "0.3",
+    }
     p = dashboard_params(ROOT / "params" / "demo.yaml", environ=env)
-    assert (p.registry, p.top_k, p.version, p.low_confidence) == ("s3://bucket/models", 3, "20250101T000000Z-abcd1234", 0.3)
+    assert (p.registry, p.top_k, p.version, p.low_confidence) == (
+        "s3://bucket/models",
+        3,
+        "20250101T000000Z-abcd1234",
+        0.3,
+    )
     assert p.model_name == dashboard_params(ROOT / "params" / "demo.yaml", environ={}).model_name
     with pytest.raises(ParamsError, match="HAR_TOP_K"):
         dashboard_params(ROOT / "params" / "demo.yaml", environ={"HAR_TOP_K": "0"})
@@ -83,7 +103,7 @@ def test_kernel_cap_refuses_politely():
 
     from tornado import web
 
-    cls = capped_kernel_manager_class()
+    cls = CappedKernelManager
     km = cls(max_kernels=1)
 
     async def scenario() -> None:
@@ -142,17 +162,24 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
     unit = (tmp_path / "state" / "har-dashboard.service").read_text()
     assert not re.search(r"@[A-Z_]+@", unit) and f"WorkingDirectory={ROOT}" in unit
     if shutil.which("systemd-analyze"):  # the rendered unit parses (paths, directives)
-        check = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "state" / "har-dashboard.service")],
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            ["systemd-analyze", "verify", str(tmp_path / "state" / "har-dashboard.service")],
+            capture_output=True,
+            text=True,
+        )
         assert check.returncode == 0, check.stderr
 
     log = open(tmp_path / "voila.log", "w")
-    proc = subprocess.Popen(["bash", str(BOOTSTRAP)], env={**env, "HAR_KERNEL_IDLE_SECONDS": "6", "HAR_CULL_INTERVAL_SECONDS": "1"},
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["bash", str(BOOTSTRAP)],
+        env={**env, "HAR_KERNEL_IDLE_SECONDS": "6", "HAR_CULL_INTERVAL_SECONDS": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}/"
         page_html = wait_http(url, proc, timeout=120).text  # visitor 1 (plain GET: its kernel idles from now on)
-        assert "dashboard is unavailable" not in page_html and "from lib.dashboard import main" not in page_html
+        assert "dashboard is unavailable" not in page_html and "from lib.dashboard.app import main" not in page_html
         assert "harUploadGuard" in page_html
         assert requests.get(url, timeout=60).status_code == 200  # visitor 2
         busy = requests.get(url, timeout=60)  # visitor 3 is over HAR_MAX_KERNELS=2: a polite 503 page, no kernel

@@ -1,4 +1,5 @@
-"""Export stage end to end on a tiny model: ONNX files, fusion, int8, checks, serving rule, metrics.json."""
+"""Export stage end to end on a tiny model: ONNX files (standard ops and ORT-fused), int8, checks, serving rule,
+metrics.json."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.export import FP32_FILE, INT8_FILE, choose_serving, export_table, run_export, scale_to_div
+from lib.export import FP32_FILE, INT8_FILE, STANDARD_FILE, choose_serving, export_table, run_export, scale_to_div
 from lib.model import build_model, save_model, save_temperature
 from lib.params import ModelParams, Params
 from lib.pipeline import require_stage
@@ -24,7 +25,7 @@ LABELS = [f"action_{i:02d}" for i in range(15)]
 torch.set_num_threads(1)
 
 
-def tiny_split(n: int, seed: int) -> "Dataset":  # noqa: F821
+def tiny_split(n: int, seed: int) -> Dataset:  # noqa: F821
     """A split with columns image (datasets Image), label (ClassLabel, 15 names), sha256 (string)."""
     from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
@@ -38,7 +39,9 @@ def tiny_split(n: int, seed: int) -> "Dataset":  # noqa: F821
         images.append({"bytes": buf.getvalue(), "path": None})
         hashes.append(hashlib.sha256(buf.getvalue()).hexdigest())
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=LABELS), "sha256": Value("string")})
-    return Dataset.from_dict({"image": images, "label": [i % 15 for i in range(n)], "sha256": hashes}, features=features)
+    return Dataset.from_dict(
+        {"image": images, "label": [i % 15 for i in range(n)], "sha256": hashes}, features=features
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     from datasets import DatasetDict
 
     root = tmp_path_factory.mktemp("run")
-    DatasetDict({"train": tiny_split(17, 0), "validation": tiny_split(22, 1), "test": tiny_split(30, 2)}).save_to_disk(str(root / "data"))
+    DatasetDict({"train": tiny_split(17, 0), "validation": tiny_split(22, 1), "test": tiny_split(30, 2)}).save_to_disk(
+        str(root / "data")
+    )
     (root / "data" / "summary.json").write_text("{}")
     torch.manual_seed(0)
     model, processor, spec = build_model(ModelParams(), LABELS)
@@ -60,15 +65,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def test_stage_outputs(exported: tuple[Path, dict]) -> None:
-    """Both ONNX files and serving.json exist; the stage counts as completed; no temporary files are left."""
+    """The three ONNX files and serving.json exist; the stage counts as completed; no temporary files are left."""
     root, result = exported
     files = sorted(p.name for p in (root / "export").iterdir())
-    assert files == sorted([FP32_FILE, INT8_FILE, "serving.json"])
+    assert files == sorted([STANDARD_FILE, FP32_FILE, INT8_FILE, "serving.json"])
     require_stage(root, "export")
     serving = json.loads((root / "export" / "serving.json").read_text())
     assert serving["file"] in (FP32_FILE, INT8_FILE)
     assert serving["opset"] == 18 and serving["reason"]
     assert serving == result["serving"]
+    assert serving["files"] == {"standard": STANDARD_FILE, "fp32": FP32_FILE, "int8": INT8_FILE}
 
 
 def test_metrics_json_keeps_other_keys(exported: tuple[Path, dict]) -> None:
@@ -77,10 +83,11 @@ def test_metrics_json_keeps_other_keys(exported: tuple[Path, dict]) -> None:
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["accuracy"] == 0.1 and metrics["f1_weighted"] == 0.1
     variants = metrics["export"]["variants"]
-    assert set(variants) == {"torch", "fp32", "int8"}
-    assert variants["fp32"]["agreement"] == 1.0
-    assert abs(variants["fp32"]["accuracy_drop"]) < 1e-9
-    assert variants["fp32"]["max_abs_logit_diff"] < 1e-3
+    assert set(variants) == {"torch", "standard", "fp32", "int8"}
+    for fp in ("standard", "fp32"):
+        assert variants[fp]["agreement"] == 1.0
+        assert abs(variants[fp]["accuracy_drop"]) < 1e-9
+        assert variants[fp]["max_abs_logit_diff"] < 1e-3
     assert 0.0 <= variants["int8"]["agreement"] <= 1.0
     assert variants["int8"]["size_mib"] < variants["fp32"]["size_mib"]
     assert metrics["export"]["test_images"] == 30
@@ -108,11 +115,47 @@ def test_attention_is_fused_and_int8_keeps_norms_in_float(exported: tuple[Path, 
     assert int8_ops.count("SkipLayerNormalization") == fp32_ops.count("SkipLayerNormalization") > 0
 
 
+def test_standard_file_is_plain_onnx_and_matches_pytorch(exported: tuple[Path, dict]) -> None:
+    """model.standard.onnx passes onnx.checker, uses only default-domain ops (no ONNX Runtime contrib op), and onnx's
+    own reference evaluator (numpy, no ONNX Runtime) gives PyTorch's logits on test images."""
+    from datasets import load_from_disk
+    from onnx.reference import ReferenceEvaluator
+
+    from lib.export import check_standard
+    from lib.model import load_model
+    from lib.transforms import eval_batch, load_spec
+
+    root, result = exported
+    path = root / "export" / STANDARD_FILE
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    assert sorted(check_standard(path)) == result["standard_op_types"]
+    assert "Attention" not in result["standard_op_types"] and "Softmax" in result["standard_op_types"]
+    test = load_from_disk(str(root / "data"))["test"]
+    pixels = eval_batch(list(test[:4]["image"]), load_spec(root / "model"))
+    with torch.inference_mode():
+        ref = load_model(root / "model")(pixel_values=torch.from_numpy(pixels)).logits.numpy()
+    logits = ReferenceEvaluator(proto).run(None, {"pixel_values": pixels})[0]
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-4)
+    assert (logits.argmax(1) == ref.argmax(1)).all()
+
+
+def test_fused_file_is_not_standard(exported: tuple[Path, dict]) -> None:
+    """check_standard refuses the ORT-fused model.onnx and names its contrib ops."""
+    from lib.export import check_standard
+
+    root, _ = exported
+    with pytest.raises(ValueError, match=r"com\.microsoft\.Attention"):
+        check_standard(root / "export" / FP32_FILE)
+
+
 def test_dynamic_batch(exported: tuple[Path, dict]) -> None:
-    """Both files take any batch size."""
+    """All three files take any batch size."""
     root, _ = exported
     size = ModelParams().config.image_size
-    for name in (FP32_FILE, INT8_FILE):
+    for name in (STANDARD_FILE, FP32_FILE, INT8_FILE):
         session = onnx_session(root / "export" / name, threads=1)
         for batch in (1, 3):
             x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -144,7 +187,9 @@ def test_served_file_is_calibrated_on_its_own_logits(exported: tuple[Path, dict]
     test_logits = pred.logits(list(splits["test"]["image"]))
     y = np.asarray(splits["test"]["label"])
     assert served["accuracy"] == pytest.approx(float(np.mean(test_logits.argmax(1) == y)))
-    assert served["ece"] == pytest.approx(expected_calibration_error(softmax(test_logits, pred.temperature), y), abs=1e-6)
+    assert served["ece"] == pytest.approx(
+        expected_calibration_error(softmax(test_logits, pred.temperature), y), abs=1e-6
+    )
     assert (served["test_images"], served["validation_images"]) == (30, 22)
 
 
@@ -152,7 +197,7 @@ def test_table(exported: tuple[Path, dict]) -> None:
     """The comparison table has one row per variant and marks the served one."""
     _, result = exported
     table = export_table(result)
-    assert list(table.index) == ["torch", "fp32", "int8"]
+    assert list(table.index) == ["torch", "standard", "fp32", "int8"]
     assert int(table["serving"].sum()) == 1
 
 

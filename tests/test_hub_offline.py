@@ -5,9 +5,13 @@ import os
 import subprocess
 import sys
 
-from lib.hub_cache import HUB_DATASET_ID, HUB_MODEL_ID, write_dataset_cache, write_model_cache
+import pytest
+
+from lib.labels import HAR_CLASSES
 from lib.params import ROOT, load_params
-from lib.synthetic import CLASS_NAMES
+from lib.rehearsal.hub_cache import HUB_DATASET_ID, HUB_MODEL_ID, write_dataset_cache, write_model_cache
+
+pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a browser
 
 
 def test_real_profile_prepares_and_trains_offline(tmp_path):
@@ -32,7 +36,15 @@ def test_real_profile_prepares_and_trains_offline(tmp_path):
         "evaluate.num_workers=0",
         "train.torch_threads=2",
     ]
-    cmd = [sys.executable, "-m", "lib.pipeline", "--params", str(ROOT / "params" / "har_vit.yaml"), "--stages", "prepare,train,evaluate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lib.pipeline",
+        "--params",
+        str(ROOT / "params" / "har_vit.yaml"),
+        "--stages",
+        "prepare,train,evaluate",
+    ]
     for item in overrides:
         cmd += ["--set", item]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -41,7 +53,7 @@ def test_real_profile_prepares_and_trains_offline(tmp_path):
     out = tmp_path / "outputs" / "har_vit"
     summary = json.loads((out / "data" / "summary.json").read_text())
     assert summary["source"] == f"hub:{HUB_DATASET_ID}[train]"
-    assert summary["class_names"] == list(CLASS_NAMES)
+    assert summary["class_names"] == list(HAR_CLASSES)
     assert summary["split_sizes"] == {"train": 126, "validation": 18, "test": 36}
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["id2label"]["0"] == "calling" and len(config["id2label"]) == 15

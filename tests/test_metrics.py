@@ -33,7 +33,9 @@ def test_metrics_equal_sklearn(y_true, y_pred):
 
 def test_confusion_matrix_equals_sklearn():
     y_true, y_pred = CASES[2]
-    np.testing.assert_array_equal(metrics.confusion_matrix(y_true, y_pred, 4), skm.confusion_matrix(y_true, y_pred, labels=range(4)))
+    np.testing.assert_array_equal(
+        metrics.confusion_matrix(y_true, y_pred, 4), skm.confusion_matrix(y_true, y_pred, labels=range(4))
+    )
 
 
 def test_metric_module_loads_offline_through_evaluate():

@@ -6,11 +6,15 @@ import torch
 
 from lib import model as M
 from lib import train as T
+from lib.labels import config_labels
 from lib.params import ModelParams, TrainParams, VitConfig
+from lib.predict import read_temperature
 
 torch.set_num_threads(2)
 LABELS = [f"c{i}" for i in range(5)]
-TINY = VitConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+TINY = VitConfig(
+    image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
+)
 
 
 def tiny(freeze: int = 0):
@@ -55,8 +59,36 @@ def test_save_and_load_round_trip(tmp_path):
     again = M.load_model(tmp_path / "m")
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model.eval()(pixel_values=x).logits, again(pixel_values=x).logits)
-    assert M.model_labels(tmp_path / "m") == LABELS and M.load_temperature(tmp_path / "m") == 1.7
-    assert M.load_temperature(tmp_path) == 1.0
+    assert config_labels(tmp_path / "m") == LABELS and read_temperature(tmp_path / "m") == 1.7
+    assert read_temperature(tmp_path) == 1.0
+
+
+def test_saved_processor_is_the_evaluation_transform(tmp_path):
+    """A backbone whose own processor resizes straight to 224 (like google/vit-base-patch16-224): the saved processor
+    keeps its size, mean and std but resizes the shorter side to 256, bicubic, and center-crops 224, as
+    eval_transform does; preprocessing.json holds the same spec."""
+    import json
+
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    from lib.transforms import ImageSpec, load_spec
+
+    backbone = tmp_path / "backbone"
+    cfg = ViTConfig(
+        image_size=224, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    ViTForImageClassification(cfg).save_pretrained(backbone)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    ViTImageProcessorPil(size={"height": 224, "width": 224}, image_mean=mean, image_std=std).save_pretrained(backbone)
+    model, processor, spec = M.build_model(ModelParams(source="local", name_or_path=str(backbone)), LABELS)
+    assert spec == ImageSpec(size=224, mean=tuple(mean), std=tuple(std), crop_pct=0.875)
+    M.save_model(model, processor, spec, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"shortest_edge": 256} and saved["crop_size"] == {"height": 224, "width": 224}
+    assert saved["do_center_crop"] and saved["resample"] == 3
+    assert (saved["image_mean"], saved["image_std"]) == (mean, std)
+    assert load_spec(tmp_path / "m") == spec
+    assert processor.to_dict() == M.image_processor(spec).to_dict()
 
 
 def test_soft_cross_entropy_matches_torch_with_label_smoothing():
@@ -86,7 +118,9 @@ def test_layer_decay_scales_learning_rate_by_depth():
     wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     layers = M.encoder_layers(model)
     assert lr_of[id(model.classifier.weight)] == pytest.approx(1e-3)
-    assert lr_of[id(layers[2].mlp.fc1.weight if hasattr(layers[2], "mlp") else next(layers[2].parameters()))] == pytest.approx(5e-4)
+    assert lr_of[
+        id(layers[2].mlp.fc1.weight if hasattr(layers[2], "mlp") else next(layers[2].parameters()))
+    ] == pytest.approx(5e-4)
     assert lr_of[id(model.base_model.embeddings.patch_embeddings.projection.weight)] == pytest.approx(1e-3 * 0.5**4)
     assert wd_of[id(model.classifier.bias)] == 0.0 and wd_of[id(model.classifier.weight)] == 0.1
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
@@ -103,6 +137,12 @@ def test_cpu_refuses_gpu_precision():
 def test_torchrun_command():
     cmd = T.torchrun_command("p.yaml", TrainParams(num_gpus=4, nodes=2), node_rank=1, master="10.0.0.1:29400")
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
-    assert {"--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29400"} <= set(cmd)
+    assert {
+        "--nnodes=2",
+        "--nproc_per_node=4",
+        "--node_rank=1",
+        "--master_addr=10.0.0.1",
+        "--master_port=29400",
+    } <= set(cmd)
     assert cmd[-3:] == ["-m", "lib.train", "p.yaml"]
     assert T.distributed(TrainParams(num_gpus=2)) and not T.distributed(TrainParams())

@@ -29,7 +29,9 @@ def test_notebook_has_a_parsable_parameters_cell(path):
     from papermill.translators import PythonTranslator
 
     assigned = [target.id for node in tree.body for target in node.targets]
-    assert [p.name for p in PythonTranslator.inspect(tagged[0])] == assigned, f"{path.name}: papermill cannot parse a parameter line"
+    assert [p.name for p in PythonTranslator.inspect(tagged[0])] == assigned, (
+        f"{path.name}: papermill cannot parse a parameter line"
+    )
 
 
 def test_stage_notebooks_exist():

@@ -98,7 +98,9 @@ def test_check_cli_fails_fast_without_importing_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stderr
     assert "train.epochs" in res.stderr and str(bad) in res.stderr
-    ok = subprocess.run([sys.executable, "-c", code, str(ROOT / "params" / "demo.yaml")], capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "params" / "demo.yaml")], capture_output=True, text=True, timeout=60
+    )
     assert ok.returncode == 0, ok.stderr
     assert "stages: prepare -> train -> evaluate -> export -> publish" in ok.stdout
 

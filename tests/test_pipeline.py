@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lib.labels import HAR_CLASSES
 from lib.params import ROOT
 from lib.pipeline import STAGES
-from lib.synthetic import CLASS_NAMES
+
+pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a browser
 
 
 def run_pipeline(*args, timeout=900):
@@ -47,10 +49,10 @@ def test_outputs_have_the_expected_contents(demo_run):
     tmp, out, res = demo_run
     assert f"results in {out}" in res.stdout
     summary = json.loads((out / "data" / "summary.json").read_text())
-    assert summary["class_names"] == list(CLASS_NAMES)
+    assert summary["class_names"] == list(HAR_CLASSES)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_test"] == summary["split_sizes"]["test"]
-    assert set(metrics["per_class"]) == set(CLASS_NAMES)
+    assert set(metrics["per_class"]) == set(HAR_CLASSES)
     assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["n_test"]
     for key in ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_macro"):
         assert 0.0 <= metrics[key] <= 1.0, key
@@ -69,10 +71,11 @@ def test_outputs_have_the_expected_contents(demo_run):
 
 
 def test_saved_model_predicts_the_fifteen_classes(demo_run):
-    from lib.model import load_model, model_labels
+    from lib.labels import config_labels
+    from lib.model import load_model
 
     _, out, _ = demo_run
-    assert model_labels(out / "model") == list(CLASS_NAMES)
+    assert config_labels(out / "model") == list(HAR_CLASSES)
     model = load_model(out / "model")
     logits = model(pixel_values=__import__("torch").zeros(1, 3, 64, 64)).logits
     assert logits.shape == (1, 15) and np.isfinite(logits.detach().numpy()).all()
@@ -110,7 +113,9 @@ def test_failing_stage_names_stage_notebook_and_error(tmp_path):
         folder.mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (20, 20), (i, len(name), 0)).save(folder / f"{i}.png")
-    res = run_pipeline("--stages", "prepare", *shrunk(tmp_path, "data.source=imagefolder", f"data.path={tmp_path / 'images'}"))
+    res = run_pipeline(
+        "--stages", "prepare", *shrunk(tmp_path, "data.source=imagefolder", f"data.path={tmp_path / 'images'}")
+    )
     assert res.returncode == 1
     assert "stage 'prepare' failed" in res.stderr
     assert str(tmp_path / "outputs" / "demo" / "notebooks" / "01_prepare_data.ipynb") in res.stderr

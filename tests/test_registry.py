@@ -13,10 +13,15 @@ import boto3
 import pytest
 from PIL import Image
 
-import lib.registry as registry
+import lib.registry.__main__ as registry_cli
+import lib.registry.publish as publish_module
+import lib.registry.storage as storage_module
 from lib.params import ROOT, GateCondition, GateParams, Params, save_params
 from lib.pipeline import finish_stage
-from lib.registry import RegistryError, check_gate, list_versions, publish, pull
+from lib.registry.gate import check_gate
+from lib.registry.publish import publish
+from lib.registry.pull import list_versions, pull
+from lib.registry.storage import RegistryError
 
 CLASSES = ["calling", "clapping", "sitting"]
 GATE = GateParams(conditions=[GateCondition(metric="accuracy", min=0.5)])
@@ -36,8 +41,14 @@ def write_metrics(run: Path, accuracy: float = 0.9, sitting_f1: float = 0.8) -> 
         "per_class": per_class,
         "n_test": 180,
         "calibration": {"ece": 0.03},
-        "served": {"backend": "onnx", "variant": "int8", "file": "export/model.int8.onnx", "temperature": 1.3,
-                   "accuracy": 0.8812, "ece": 0.0213},
+        "served": {
+            "backend": "onnx",
+            "variant": "int8",
+            "file": "export/model.int8.onnx",
+            "temperature": 1.3,
+            "accuracy": 0.8812,
+            "ece": 0.0213,
+        },
     }
     (run / "metrics.json").write_text(json.dumps(metrics))
 
@@ -54,8 +65,13 @@ def make_run(root: Path, name: str = "run1", registry_url: str = "outputs/regist
     (run / "data").mkdir()
     (run / "data" / "dataset_dict.json").write_text("{}")
     (run / "data" / "summary.json").write_text(
-        json.dumps({"source": "embedded", "split_sizes": {"train": 1440, "validation": 180, "test": 180},
-                    "duplicates": {"exact_groups": 3, "near_duplicate_distance": 4, "near_groups": 7}})
+        json.dumps(
+            {
+                "source": "embedded",
+                "split_sizes": {"train": 1440, "validation": 180, "test": 180},
+                "duplicates": {"exact_groups": 3, "near_duplicate_distance": 4, "near_groups": 7},
+            }
+        )
     )
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "state.bin").write_bytes(b"not published")
@@ -220,7 +236,7 @@ def test_upload_dying_midway_keeps_previous_latest(
 ):
     first = publish(run, reg, "har-vit", GATE)["version"]
     write_metrics(run, accuracy=0.95)
-    backend = registry.S3Storage if reg.startswith("s3://") else registry.LocalStorage
+    backend = storage_module.S3Storage if reg.startswith("s3://") else storage_module.LocalStorage
     real_put = backend.put_file
     calls = []
 
@@ -250,7 +266,7 @@ def test_bytes_altered_in_transit_fail_verification(
 ):
     first = publish(run, reg, "har-vit", GATE)["version"]
     write_metrics(run, accuracy=0.96)
-    backend = registry.S3Storage if reg.startswith("s3://") else registry.LocalStorage
+    backend = storage_module.S3Storage if reg.startswith("s3://") else storage_module.LocalStorage
     real_put = backend.put_file
     bad = tmp_path / "bad.bin"
     bad.write_bytes(os.urandom(4096))  # same size as the model, other bytes
@@ -281,7 +297,7 @@ def test_versions_never_overwritten_and_pulls_cached(
     run: Path, reg: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     pinned = datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC)
-    monkeypatch.setattr(registry, "_utcnow", lambda: pinned)
+    monkeypatch.setattr(publish_module, "_utcnow", lambda: pinned)
     v1 = publish(run, reg, "har-vit", GATE)["version"]
     assert v1.startswith("20200102T030405Z-")
     manifest_before = stored(reg, f"har-vit/{v1}/manifest.json")
@@ -303,7 +319,7 @@ def test_versions_never_overwritten_and_pulls_cached(
     assert json.loads((p1 / "metrics.json").read_text())["accuracy"] == 0.9
     assert (p2 / "model" / "model.safetensors").read_bytes() == (run / "model" / "model.safetensors").read_bytes()
 
-    backend = registry.S3Storage if reg.startswith("s3://") else registry.LocalStorage
+    backend = storage_module.S3Storage if reg.startswith("s3://") else storage_module.LocalStorage
 
     def no_download(self, *args, **kwargs):
         raise AssertionError("downloaded although the verified cache holds this version")
@@ -319,7 +335,7 @@ def test_versions_never_overwritten_and_pulls_cached(
 
 
 def test_manifest_is_written_exclusively(reg: str, tmp_path: Path):
-    storage = registry.open_storage(reg)
+    storage = storage_module.open_storage(reg)
     storage.ensure(create=True)
     storage.put_bytes("m/v/manifest.json", b"first", exclusive=True)
     with pytest.raises(RegistryError, match="refusing to overwrite"):
@@ -397,7 +413,7 @@ def test_bucket_of_another_account_is_refused(run: Path, s3_bucket: str, monkeyp
 @pytest.mark.parametrize("url", ["s3://Bad_Bucket/x", "s3://key:secret@bucket/x", "gs://bucket/x"])
 def test_bad_registry_urls(url: str):
     with pytest.raises(RegistryError):
-        registry.open_storage(url)
+        storage_module.open_storage(url)
 
 
 # --------------------------------------------------------------------------- CLI and notebook
@@ -408,20 +424,21 @@ def test_cli_list_show_pull(run: Path, s3_bucket: str, tmp_path: Path, capsys: p
     v1 = publish(run, url, "har-vit", GATE)["version"]
     write_metrics(run, accuracy=0.97)
     v2 = publish(run, url, "har-vit", GATE)["version"]
-    assert registry.main(["list", url]) == 0
+    assert registry_cli.main(["list", url]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith(v1) and "0.9000" in lines[1] and not lines[1].endswith("*")
     assert lines[2].startswith(v2) and "0.9700" in lines[2] and lines[2].endswith("*")
-    assert registry.main(["show", url, "--version", v1]) == 0
+    assert registry_cli.main(["show", url, "--version", v1]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == v1 and shown["metrics_full"]["per_class"]["sitting"]["f1"] == 0.8
-    assert registry.main(["pull", url, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert registry_cli.main(["pull", url, "--cache-dir", str(tmp_path / "cache")]) == 0
     path = Path(capsys.readouterr().out.strip())
     assert path.name == v2 and (path / "manifest.json").is_file()
-    assert registry.main(["show", url, "--model", "nope"]) == 1
+    assert registry_cli.main(["show", url, "--model", "nope"]) == 1
     assert "no published version" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_executed_notebook_holds_no_secrets(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import papermill as pm
 

@@ -7,20 +7,19 @@ import sys
 import pytest
 import yaml
 
-from lib.hub_cache import HUB_DATASET_ID, write_dataset_cache
-from lib.params import ROOT
-from lib.rehearsal import (
+from lib.labels import HAR_CLASSES
+from lib.params import ROOT, flatten
+from lib.rehearsal.hub_cache import HUB_DATASET_ID, write_dataset_cache
+from lib.rehearsal.runner import (
     GATE_OFF,
     PROFILE,
     RehearsalError,
     base_overrides,
     check_overrides,
     coverage,
-    leaf_keys,
     profile_mismatches,
     with_length,
 )
-from lib.synthetic import CLASS_NAMES
 
 
 def test_override_policy_refuses_recipe_keys():
@@ -32,8 +31,13 @@ def test_override_policy_refuses_recipe_keys():
 
 
 def test_cli_refuses_a_recipe_override_before_any_work():
-    res = subprocess.run([sys.executable, "-m", "lib.rehearsal", "--set", "train.mixup_alpha=0", "--dry-run"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "lib.rehearsal", "--set", "train.mixup_alpha=0", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "refused: train.mixup_alpha" in res.stderr
 
 
@@ -42,8 +46,8 @@ def test_coverage_lists_every_leaf_key_of_the_profile(tmp_path):
     ovr = with_length(PROFILE, "cpu", 115, base)
     per_step = {"prepare": base, "train": ovr, "publish": ovr | {"publish.gate.enabled": False}}
     cov = coverage(PROFILE, per_step)
-    profile_keys = set(leaf_keys(yaml.safe_load(PROFILE.read_text())))
-    assert [r["key"] for r in cov["keys"]] == list(leaf_keys(yaml.safe_load(PROFILE.read_text())))
+    profile_keys = set(flatten(yaml.safe_load(PROFILE.read_text())))
+    assert [r["key"] for r in cov["keys"]] == list(flatten(yaml.safe_load(PROFILE.read_text())))
     assert {"train.mixup_alpha", "train.layer_decay", "publish.gate.conditions", "export.min_agreement"} <= profile_keys
     rows = {r["key"]: r for r in cov["keys"]}
     assert rows["train.mixup_alpha"] == {"key": "train.mixup_alpha", "profile": 0.2, "ran": "profile"}
@@ -51,9 +55,16 @@ def test_coverage_lists_every_leaf_key_of_the_profile(tmp_path):
     assert rows["publish.gate.enabled"]["steps"] == ["publish"]
     assert cov["overridden"] + cov["at_profile_value"] == len(profile_keys)
     overridden = {r["key"] for r in cov["keys"] if r["ran"] == "overridden"}
-    assert overridden - set(GATE_OFF) <= {"run.name", "run.output_root", "train.batch_size", "train.num_workers",
-                                          "evaluate.batch_size", "evaluate.num_workers", "publish.registry",
-                                          "dashboard.registry"}
+    assert overridden - set(GATE_OFF) <= {
+        "run.name",
+        "run.output_root",
+        "train.batch_size",
+        "train.num_workers",
+        "evaluate.batch_size",
+        "evaluate.num_workers",
+        "publish.registry",
+        "dashboard.registry",
+    }
     # the run length is a key the profile file does not set (or train.epochs while max_steps does not exist)
     length = {r["key"]: r for r in cov["not_in_profile"]} | {k: rows[k] for k in ("train.epochs",) if k in overridden}
     assert set(length) & {"train.max_steps", "train.epochs"}
@@ -83,12 +94,17 @@ def test_dataset_cache_loads_offline_with_the_hub_schema(tmp_path):
         "                  'train': list(dd['train']['labels']), 'test': list(dd['test']['labels']),\n"
         "                  'size': dd['train'][0]['image'].size}))\n"
     )
-    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "datasets"), HF_HUB_CACHE=str(tmp_path / "hub"),
-               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
+        HF_HUB_CACHE=str(tmp_path / "hub"),
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+    )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     sizes, info = (yaml.safe_load(line) for line in res.stdout.strip().splitlines()[-2:])
     assert sizes == {"train": 30, "test": 3}
-    assert info["names"] == list(CLASS_NAMES) and info["image"] == "Image"
+    assert info["names"] == list(HAR_CLASSES) and info["image"] == "Image"
     assert info["train"] == [c for c in range(15) for _ in range(2)] and info["test"] == [0, 0, 0]
     assert min(info["size"]) >= 100  # photo-sized generated images, not thumbnails

@@ -286,6 +286,7 @@ def run_cli(*args, timeout=900):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.integration
 def test_retrained_run_is_not_published_with_stale_metrics(tmp_path):
     """prepare, train, evaluate; train again; publish refuses (runner and notebook) and the registry stays empty."""
     sets = [

@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import synthetic
-from lib.synthetic import CLASS_NAMES, MANIFEST, _background, _duplicate_plan, _pick_setting, render, write_image_folder
+from lib.demo import synthetic
+from lib.demo.synthetic import (
+    CLASS_NAMES,
+    MANIFEST,
+    _background,
+    _duplicate_plan,
+    _pick_setting,
+    render,
+    write_image_folder,
+)
 
 N = 4  # images per class: small enough to keep the tests fast
 
@@ -30,8 +38,21 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_class_names_are_the_fifteen_actions() -> None:
     assert CLASS_NAMES == (
-        "calling", "clapping", "cycling", "dancing", "drinking", "eating", "fighting", "hugging",
-        "laughing", "listening_to_music", "running", "sitting", "sleeping", "texting", "using_laptop",
+        "calling",
+        "clapping",
+        "cycling",
+        "dancing",
+        "drinking",
+        "eating",
+        "fighting",
+        "hugging",
+        "laughing",
+        "listening_to_music",
+        "running",
+        "sitting",
+        "sleeping",
+        "texting",
+        "using_laptop",
     )
 
 
@@ -55,7 +76,9 @@ def _drawn_pixels(label: int, seed: list[int], size: tuple[int, int]) -> tuple[n
 
 
 @pytest.mark.parametrize("size", [(300, 120), (100, 250), (160, 160)])
-def test_full_figures_stay_inside_the_evaluation_center_crop(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_figures_stay_inside_the_evaluation_center_crop(
+    size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With full-body framing, the drawing lies in the central square that resize + center crop keeps."""
     monkeypatch.setattr(synthetic, "FRAMING", {name: (1.0, 0.0, 0.0) for name in CLASS_NAMES})
     monkeypatch.setattr(synthetic, "BLUR_FRACTION", 0.0)  # blur would also change background edges

@@ -39,8 +39,16 @@ def tiny_params(tmp_path, **train):
     return Params.model_validate(
         {
             "run": {"output_root": str(tmp_path)},
-            "model": {"config": {"image_size": 16, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2,
-                                 "num_attention_heads": 2, "intermediate_size": 32}},
+            "model": {
+                "config": {
+                    "image_size": 16,
+                    "patch_size": 8,
+                    "hidden_size": 16,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 32,
+                }
+            },
             "train": {"epochs": 1, "batch_size": 6, "learning_rate": 1e-3, "torch_threads": 2, **train},
         }
     )
@@ -100,13 +108,21 @@ def test_train_saves_the_best_checkpoint_not_the_last(tmp_path, monkeypatch):
     assert any(not torch.equal(saved[n], last[n]) for n in saved if "encoder" in n or "layers" in n)
 
 
+@pytest.mark.integration
 def test_ddp_loss_and_gradient_match_one_process(tmp_path):
     script = ROOT / "tests" / "ddp_loss_step.py"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     runs = {
         1: [sys.executable, str(script), str(tmp_path / "one")],
-        2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-            str(tmp_path / "two")],
+        2: [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "two"),
+        ],
     }
     logged = {}
     for world, cmd in runs.items():

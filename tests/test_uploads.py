@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.uploads import MIB, UploadError, check_url, decode_image, fetch_url, is_public_address
+from lib.dashboard.uploads import MIB, UploadError, check_url, decode_image, fetch_url, is_public_address
 
 MAX = 20 * MIB
 PIXELS = 40_000_000
@@ -225,7 +225,9 @@ def fake_dns(table: dict[str, list[str]]):
     ],
 )
 def test_check_url_refusals(url: str, match: str):
-    dns = fake_dns({"example.com": ["93.184.215.14"], "internal.test": ["10.0.0.5"], "mixed.test": ["93.184.215.14", "127.0.0.1"]})
+    dns = fake_dns(
+        {"example.com": ["93.184.215.14"], "internal.test": ["10.0.0.5"], "mixed.test": ["93.184.215.14", "127.0.0.1"]}
+    )
     with pytest.raises(UploadError, match=match):
         check_url(url, resolve=dns)
 
@@ -237,7 +239,9 @@ def test_numeric_host_spellings_resolve_to_loopback_and_are_refused():
 
 
 def test_check_url_returns_the_checked_ip():
-    scheme, host, port, ip, target = check_url("https://Example.com/a/b.jpg?x=1", resolve=fake_dns({"example.com": ["93.184.215.14"]}))
+    scheme, host, port, ip, target = check_url(
+        "https://Example.com/a/b.jpg?x=1", resolve=fake_dns({"example.com": ["93.184.215.14"]})
+    )
     assert (scheme, host, port, ip, target) == ("https", "example.com", 443, "93.184.215.14", "/a/b.jpg?x=1")
 
 

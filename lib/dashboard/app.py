@@ -1,4 +1,5 @@
-"""Voila dashboard: classify users' photos with a registry model; widgets, HTML rendering and server guards."""
+"""The dashboard app, imported by each Voila kernel (one per visitor): load the served model, classify uploaded
+photos and pasted URLs, render the results. The server process imports lib/dashboard/server.py instead."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import functools
 import html
 import io
-import json
 import logging
 import os
 import sys
@@ -19,27 +19,16 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import ValidationError
 
-from lib.params import DEFAULT_PARAMS, DashboardParams, ParamsError, load_params
+from lib.dashboard.settings import dashboard_params, env_int, upload_limits
+from lib.dashboard.uploads import UploadError, decode_image, fetch_url
+from lib.files import MIB, read_json
+from lib.metrics import SUMMARY_METRICS
+from lib.params import DEFAULT_PARAMS, DashboardParams, ParamsError
 from lib.transforms import RESAMPLE, ImageSpec, load_spec, resize_for_crop
-from lib.uploads import MIB, UploadError, decode_image, fetch_url
 
 log = logging.getLogger("har.dashboard")
 
-# Environment variables of the service; each overrides the same key of the params file's dashboard section.
-ENV_PARAMS: dict[str, str] = {
-    "HAR_REGISTRY": "registry",
-    "HAR_MODEL_NAME": "model_name",
-    "HAR_MODEL_VERSION": "version",
-    "HAR_TOP_K": "top_k",
-    "HAR_DEVICE": "device",
-    "HAR_BACKEND": "backend",
-    "HAR_PORT": "port",
-    "HAR_MAX_UPLOAD_MIB": "max_upload_mib",
-    "HAR_MAX_PIXELS": "max_pixels",
-    "HAR_LOW_CONFIDENCE": "low_confidence",
-}
 MAX_FILES_PER_UPLOAD = 8
 DECODE_SIDE = 1024  # photos are shrunk to this longer side right after decoding
 THUMB_SIDE = 320
@@ -47,117 +36,9 @@ OVERLAY_SIDE = 224
 KEEP_RESULTS = 24
 OCCLUSION_GRID = 8
 URL_TIMEOUT_S = 10.0
-SUMMARY_METRICS = ("accuracy", "f1_macro", "f1_weighted")
-WEBSOCKET_MAX_BYTES = 96 * MIB  # must equal Voila.tornado_settings.websocket_max_message_size in voila.json
-WEBSOCKET_HEADROOM = 2 * MIB
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def dashboard_params(
-    params_file: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None, environ: Mapping[str, str] | None = None
-) -> DashboardParams:
-    """The dashboard section of a params file (HAR_PARAMS_FILE replaces it), with HAR_* variables on top."""
-    environ = os.environ if environ is None else environ
-    params_file = environ.get("HAR_PARAMS_FILE") or params_file
-    section = load_params(params_file, overrides).dashboard.model_dump()
-    from_env = {key: environ[var] for var, key in ENV_PARAMS.items() if environ.get(var, "").strip()}
-    if not from_env:
-        return DashboardParams.model_validate(section)
-    try:
-        return DashboardParams.model_validate({**section, **from_env})
-    except ValidationError as exc:
-        names = {key: var for var, key in ENV_PARAMS.items()}
-        bad = [f"{names.get(str(e['loc'][0]), e['loc'][0])}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
-        raise ParamsError("invalid dashboard environment variables: " + "; ".join(bad)) from None
-
-
-def _env_int(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    """An integer environment variable with a default and a floor; ParamsError names a bad one."""
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ParamsError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ParamsError(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def upload_limits(p: DashboardParams) -> tuple[int, int]:
-    """(bytes per file, bytes per upload message): the file cap, bounded by the server's websocket cap."""
-    batch = WEBSOCKET_MAX_BYTES - WEBSOCKET_HEADROOM
-    return min(int(p.max_upload_mib * MIB), batch), batch
-
-
-def server_settings(environ: Mapping[str, str] | None = None) -> dict[str, int]:
-    """Kernel limits for the Voila server from HAR_* variables: kernel cap and idle culling."""
-    environ = os.environ if environ is None else environ
-    return {
-        "max_kernels": _env_int(environ, "HAR_MAX_KERNELS", 8, 1),
-        "cull_idle_timeout": _env_int(environ, "HAR_KERNEL_IDLE_SECONDS", 600, 0),
-        "cull_interval": _env_int(environ, "HAR_CULL_INTERVAL_SECONDS", 60, 1),
-    }
-
-
-def capped_kernel_manager_class() -> type:
-    """Voila's kernel manager with a visitor cap (HTTP 503 past HAR_MAX_KERNELS) and idle culling from HAR_* variables."""
-    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-    from tornado import web
-    from traitlets import Bool, Integer, default
-
-    class CappedKernelManager(AsyncMappingKernelManager):
-        """AsyncMappingKernelManager that refuses to start more than max_kernels kernels at once."""
-
-        max_kernels = Integer(config=True, help="Most kernels (visitors) at once; more get HTTP 503 (HAR_MAX_KERNELS).")
-        cull_connected = Bool(True, config=True, help="Cull idle kernels even with an open tab.")
-
-        @default("max_kernels")
-        def _default_max_kernels(self) -> int:
-            """HAR_MAX_KERNELS, default 8."""
-            return server_settings()["max_kernels"]
-
-        @default("cull_idle_timeout")
-        def _default_cull_idle_timeout(self) -> int:
-            """HAR_KERNEL_IDLE_SECONDS, default 600."""
-            return server_settings()["cull_idle_timeout"]
-
-        @default("cull_interval")
-        def _default_cull_interval(self) -> int:
-            """HAR_CULL_INTERVAL_SECONDS, default 60."""
-            return server_settings()["cull_interval"]
-
-        def live_kernels(self) -> int:
-            """Kernels running or starting (jupyter_client registers a start as pending before its first await)."""
-            return len(set(self.list_kernel_ids()) | set(getattr(self, "_pending_kernels", {})))
-
-        async def start_kernel(self, *, kernel_id: str | None = None, path: str | None = None, **kwargs: Any) -> str:
-            """Start a kernel unless the cap is reached."""
-            if kernel_id is None or kernel_id not in self:
-                live = self.live_kernels()
-                if live >= self.max_kernels:
-                    self.log.warning("refusing a new kernel: %d of %d in use", live, self.max_kernels)
-                    # Voila's error page shows the reason phrase: it carries the whole message.
-                    raise web.HTTPError(
-                        503,
-                        reason=f"Dashboard busy: it serves {self.max_kernels} visitors at once. Please try again in a few minutes",
-                    )
-            return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
-
-    CappedKernelManager.__module__, CappedKernelManager.__qualname__ = __name__, "CappedKernelManager"
-    return CappedKernelManager
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy module attribute CappedKernelManager (voila.json names it; kernels never import jupyter_server)."""
-    if name == "CappedKernelManager":
-        cls = capped_kernel_manager_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
@@ -207,15 +88,6 @@ class Prediction:
     ms: float
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from a file, {} when absent or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def model_folder(p: DashboardParams, environ: Mapping[str, str] | None = None) -> Path:
     """The model version folder: HAR_MODEL_DIR when set (pre-pulled), else pulled from the registry (cached)."""
     environ = os.environ if environ is None else environ
@@ -224,7 +96,7 @@ def model_folder(p: DashboardParams, environ: Mapping[str, str] | None = None) -
         if not (root / "model").is_dir():
             raise FileNotFoundError(f"HAR_MODEL_DIR={root} holds no model/ folder")
         return root
-    from lib.registry import pull
+    from lib.registry.pull import pull
 
     return pull(p.registry, p.model_name, p.version)
 
@@ -235,11 +107,11 @@ def load_bundle(p: DashboardParams, environ: Mapping[str, str] | None = None) ->
 
     environ = os.environ if environ is None else environ
     root = model_folder(p, environ)
-    threads = _env_int(environ, "HAR_THREADS", 0, 0) or None
+    threads = env_int(environ, "HAR_THREADS", 0, 0) or None
     predictor = load_predictor(root, backend=p.backend, device=p.device, threads=threads)
-    manifest = _read_json(root / "manifest.json")
-    metrics = _read_json(root / "metrics.json")
-    config = _read_json(root / "model" / "config.json")
+    manifest = read_json(root / "manifest.json", default={})
+    metrics = read_json(root / "metrics.json", default={})
+    config = read_json(root / "model" / "config.json", default={})
     image_size, patch = int(config.get("image_size") or 0), int(config.get("patch_size") or 0)
     grid = min(OCCLUSION_GRID, image_size // patch) if image_size and patch else OCCLUSION_GRID
     summary = {k: float(metrics[k]) for k in SUMMARY_METRICS if isinstance(metrics.get(k), (int, float))}
@@ -269,7 +141,9 @@ def model_input_view(img: Image.Image, spec: ImageSpec) -> tuple[Image.Image, tu
     return resize_for_crop(img, spec)
 
 
-def occlusion_map(bundle: ModelBundle, img: Image.Image, label: str, grid: int | None = None) -> tuple[np.ndarray, Image.Image]:
+def occlusion_map(
+    bundle: ModelBundle, img: Image.Image, label: str, grid: int | None = None
+) -> tuple[np.ndarray, Image.Image]:
     """Occlusion sensitivity: drop in the label's probability when each grid cell is greyed out, scaled to [0, 1]."""
     grid = grid or bundle.patch_grid
     spec = bundle.spec
@@ -281,7 +155,10 @@ def occlusion_map(bundle: ModelBundle, img: Image.Image, label: str, grid: int |
         for gx in range(grid):
             occluded = resized.copy()
             box = (
-                left + round(gx * cell), top + round(gy * cell), left + round((gx + 1) * cell), top + round((gy + 1) * cell)
+                left + round(gx * cell),
+                top + round(gy * cell),
+                left + round((gx + 1) * cell),
+                top + round((gy + 1) * cell),
             )
             occluded.paste(fill, box)
             batch.append(occluded)
@@ -295,7 +172,9 @@ def occlusion_map(bundle: ModelBundle, img: Image.Image, label: str, grid: int |
 def overlay_heatmap(crop: Image.Image, heat: np.ndarray, side: int = OVERLAY_SIDE) -> Image.Image:
     """Blend a [0, 1] heat grid over the model's view in red (stronger red = bigger drop when hidden)."""
     base = np.asarray(crop.convert("RGB").resize((side, side), RESAMPLE), dtype=np.float32)
-    mask = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8), "L").resize((side, side), Image.Resampling.BILINEAR)
+    mask = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8), "L").resize(
+        (side, side), Image.Resampling.BILINEAR
+    )
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0 * 0.65
     grey = base.mean(axis=2, keepdims=True) * 0.6 + base * 0.4
     red = np.array([230.0, 30.0, 30.0], dtype=np.float32)
@@ -358,9 +237,10 @@ def render_result(
     if overlay is not None:
         parts.append(
             f'<figure><img class="har-saliency" alt="occlusion map" src="{data_url(overlay, OVERLAY_SIDE)}">'
-            "<figcaption>the model's view (centre crop); red: hiding this area lowers the top class most</figcaption></figure>"
+            "<figcaption>the model's view (centre crop); red: hiding this area lowers the top class most"
+            "</figcaption></figure>"
         )
-    parts.append("</div><div class=\"har-body\">")
+    parts.append('</div><div class="har-body">')
     parts.append(f'<div class="har-headline">{_e(top_label)} <span>{top_prob * 100:.1f}%</span></div>')
     parts.append(render_bars(pred.top))
     if low:
@@ -384,9 +264,7 @@ def render_result(
 
 def render_error(name: str, message: str) -> str:
     """An error card naming the file (or URL) and the user-facing reason."""
-    return (
-        f'<div class="har-error" data-name="{_e(name)}"><b>{_e(name)}</b>: {_e(message)}</div>'
-    )
+    return f'<div class="har-error" data-name="{_e(name)}"><b>{_e(name)}</b>: {_e(message)}</div>'
 
 
 def short_time(iso: str) -> str:
@@ -432,66 +310,21 @@ def render_notice(kind: str, message: str) -> str:
     return f'<div class="har-status har-status-{_e(kind)}" data-state="{_e(kind)}">{_e(message)}</div>'
 
 
-PAGE_CSS = """
-<style>
-.har-app { max-width: 980px; font-family: system-ui, -apple-system, "Segoe UI", sans-serif; }
-.har-app h2 { margin: 4px 0 8px; }
-.har-model-info { background: #f3f5f8; border-radius: 6px; padding: 8px 12px; margin: 6px 0 12px; font-size: 13px; line-height: 1.6; }
-.har-model-info details { margin-top: 2px; }
-.har-result { display: flex; flex-wrap: wrap; gap: 16px; border: 1px solid #dde1e6; border-radius: 8px; padding: 10px; margin: 10px 0; background: #fff; }
-.har-images { display: flex; gap: 8px; }
-.har-images figure { margin: 0; text-align: center; font-size: 11px; color: #555; max-width: 240px; }
-.har-image, .har-saliency { max-width: 240px; max-height: 240px; border-radius: 4px; display: block; }
-.har-body { flex: 1; min-width: 260px; }
-.har-headline { font-size: 18px; font-weight: 600; margin-bottom: 6px; }
-.har-headline span { color: #1f6feb; }
-.har-pred { display: grid; grid-template-columns: 150px 1fr 56px; align-items: center; gap: 8px; font-size: 13px; margin: 3px 0; }
-.har-label { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.har-bar { background: #eef1f4; height: 14px; border-radius: 3px; overflow: hidden; }
-.har-fill { display: block; height: 100%; background: #1f6feb; }
-.har-pred[data-rank="1"] .har-fill { background: #0b5cd5; }
-.har-prob { text-align: right; font-variant-numeric: tabular-nums; }
-.har-low-confidence { margin-top: 8px; padding: 6px 8px; background: #fff6d6; border-left: 4px solid #e0a800; font-size: 13px; }
-.har-note { margin-top: 6px; font-size: 12px; color: #555; }
-.har-meta { margin-top: 8px; font-size: 12px; color: #666; }
-.har-error { border-left: 4px solid #d73a49; background: #fdecee; padding: 8px 10px; margin: 10px 0; border-radius: 4px; font-size: 14px; }
-.har-status { font-size: 13px; color: #444; min-height: 18px; }
-.har-status-error { color: #b31d28; }
-.har-hint { font-size: 12px; color: #666; }
-</style>
-"""
+STATIC = Path(__file__).parent / "static"
+
+
+def page_css() -> str:
+    """The page's style sheet (static/dashboard.css) as a <style> element."""
+    return "<style>\n" + (STATIC / "dashboard.css").read_text() + "</style>"
 
 
 def page_script(max_file_bytes: int, max_batch_bytes: int) -> str:
-    """Browser-side script: the upload guard and the _xsrf cookie Voila's kernel-release beacon needs."""
-    # Upload guard: a file over the cap (or past the batch budget) is read as zero bytes, so the websocket never
-    # carries an oversize message (tornado would drop the connection) and the kernel answers with a message.
-    # Kernel release: Voila 0.5 shuts a visitor's kernel down with a beforeunload beacon carrying the _xsrf
-    # cookie, which its page never sets (voila-dashboards/voila#1458: 403, the kernel lives until culled).
-    # A random token in that cookie satisfies tornado's double-submit check and lets the beacon through.
-    return f"""
-<script>
-(function () {{
-  window.harUploadLimits = {{file: {int(max_file_bytes)}, batch: {int(max_batch_bytes)}}};
-  if (!/\\b_xsrf=/.test(document.cookie) && window.crypto && crypto.getRandomValues) {{
-    var bytes = crypto.getRandomValues(new Uint8Array(16)), hex = "";
-    for (var i = 0; i < bytes.length; i++) hex += ("0" + bytes[i].toString(16)).slice(-2);
-    document.cookie = "_xsrf=" + hex + "; path=/; SameSite=Strict" + (location.protocol === "https:" ? "; Secure" : "");
-  }}
-  if (window.harUploadGuard) return;
-  window.harUploadGuard = true;
-  var original = FileReader.prototype.readAsArrayBuffer;
-  var used = 0, scheduled = false;
-  FileReader.prototype.readAsArrayBuffer = function (blob) {{
-    if (!scheduled) {{ scheduled = true; setTimeout(function () {{ used = 0; scheduled = false; }}, 0); }}
-    var size = (blob && blob.size) || 0, lim = window.harUploadLimits;
-    if (size > lim.file || used + size > lim.batch) {{ return original.call(this, blob.slice(0, 0)); }}
-    used += size;
-    return original.call(this, blob);
-  }};
-}})();
-</script>
-"""
+    """The browser-side script (static/dashboard.js: upload guard, kernel-release cookie) with the upload limits."""
+    js = (STATIC / "dashboard.js").read_text()
+    js = js.replace("__MAX_FILE_BYTES__", str(int(max_file_bytes))).replace(
+        "__MAX_BATCH_BYTES__", str(int(max_batch_bytes))
+    )
+    return "<script>\n" + js + "</script>"
 
 
 # --------------------------------------------------------------------------- app
@@ -510,7 +343,9 @@ def guarded(status: Any, action: str) -> Callable[[Callable[..., None]], Callabl
                 fn(*args, **kwargs)
             except Exception:
                 log.exception("%s failed", action)
-                status.value = render_notice("error", f"Something went wrong while {action}; the error was logged. Please try again.")
+                status.value = render_notice(
+                    "error", f"Something went wrong while {action}; the error was logged. Please try again."
+                )
 
         return inner
 
@@ -522,11 +357,19 @@ def _upload_items(value: Any) -> list[dict[str, Any]]:
     items = []
     for item in value or ():
         get = item.get if hasattr(item, "get") else lambda k, d=None, it=item: getattr(it, k, d)
-        items.append({"name": str(get("name", "") or "upload")[:200], "size": int(get("size", 0) or 0), "content": get("content", b"")})
+        items.append(
+            {
+                "name": str(get("name", "") or "upload")[:200],
+                "size": int(get("size", 0) or 0),
+                "content": get("content", b""),
+            }
+        )
     return items
 
 
-def handle_image(bundle: ModelBundle, p: DashboardParams, name: str, data: bytes, saliency: bool, notes: list[str] | None = None) -> str:
+def handle_image(
+    bundle: ModelBundle, p: DashboardParams, name: str, data: bytes, saliency: bool, notes: list[str] | None = None
+) -> str:
     """Decode, classify (and optionally explain) one image; an HTML card, or an error card for bad input."""
     max_bytes, _ = upload_limits(p)
     try:
@@ -560,16 +403,27 @@ def upload_cards(bundle: ModelBundle, p: DashboardParams, items: list[dict[str, 
     for item in items[:MAX_FILES_PER_UPLOAD]:
         name, size, content = item["name"], item["size"], bytes(item["content"] or b"")
         if size > max_bytes:
-            cards.append(render_error(name, f"The file is {size / MIB:.1f} MiB; the limit is {max_bytes / MIB:g} MiB. Please send a smaller image."))
+            cards.append(
+                render_error(
+                    name,
+                    f"The file is {size / MIB:.1f} MiB; the limit is {max_bytes / MIB:g} MiB. "
+                    "Please send a smaller image.",
+                )
+            )
         elif size > len(content):
             cards.append(
-                render_error(name, f"Not sent: the files selected together exceed {batch_bytes / MIB:g} MiB. Upload fewer at a time.")
+                render_error(
+                    name,
+                    f"Not sent: the files selected together exceed {batch_bytes / MIB:g} MiB. Upload fewer at a time.",
+                )
             )
         else:
             cards.append(handle_image(bundle, p, name, content, saliency))
     if len(items) > MAX_FILES_PER_UPLOAD:
         skipped = len(items) - MAX_FILES_PER_UPLOAD
-        cards.append(render_error(f"{skipped} more file(s)", f"Only {MAX_FILES_PER_UPLOAD} images are classified per upload."))
+        cards.append(
+            render_error(f"{skipped} more file(s)", f"Only {MAX_FILES_PER_UPLOAD} images are classified per upload.")
+        )
     return cards
 
 
@@ -577,19 +431,30 @@ def build_app(bundle: ModelBundle, p: DashboardParams) -> Any:
     """The widget tree: upload button, URL box, occlusion toggle, status line, model panel, results."""
     import ipywidgets as widgets
 
-    title = widgets.HTML('<h2>What are they doing?</h2><div class="har-hint">Upload photos of people (JPEG, PNG, GIF, WebP, '
-                         f"BMP, TIFF; up to {upload_limits(p)[0] / MIB:g} MiB each) or paste an image URL. "
-                         "Photos are classified in memory and not stored.</div>")
+    title = widgets.HTML(
+        '<h2>What are they doing?</h2><div class="har-hint">Upload photos of people (JPEG, PNG, GIF, WebP, '
+        f"BMP, TIFF; up to {upload_limits(p)[0] / MIB:g} MiB each) or paste an image URL. "
+        "Photos are classified in memory and not stored.</div>"
+    )
     info = widgets.HTML(render_model_info(bundle, p))
-    upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload photos", button_style="primary",
-                                layout=widgets.Layout(width="auto"))
+    upload = widgets.FileUpload(
+        accept="image/*",
+        multiple=True,
+        description="Upload photos",
+        button_style="primary",
+        layout=widgets.Layout(width="auto"),
+    )
     upload.add_class("har-upload")
     url = widgets.Text(placeholder="https://example.com/photo.jpg", layout=widgets.Layout(width="420px"))
     url.add_class("har-url")
     fetch_button = widgets.Button(description="Classify URL", icon="link")
     fetch_button.add_class("har-url-button")
-    saliency = widgets.Checkbox(value=False, description="Show where the model looked (occlusion map, slower)", indent=False,
-                                layout=widgets.Layout(width="auto"))
+    saliency = widgets.Checkbox(
+        value=False,
+        description="Show where the model looked (occlusion map, slower)",
+        indent=False,
+        layout=widgets.Layout(width="auto"),
+    )
     saliency.add_class("har-saliency-toggle")
     clear = widgets.Button(description="Clear results", icon="trash")
     clear.add_class("har-clear")
@@ -621,7 +486,9 @@ def build_app(bundle: ModelBundle, p: DashboardParams) -> Any:
             set_busy(False)
         show(cards)
         n_bad = sum(c.startswith('<div class="har-error"') for c in cards)
-        status.value = render_notice("done", f"Done: {len(cards) - n_bad} classified" + (f", {n_bad} refused." if n_bad else "."))
+        status.value = render_notice(
+            "done", f"Done: {len(cards) - n_bad} classified" + (f", {n_bad} refused." if n_bad else ".")
+        )
 
     @guarded(status, "fetching the URL")
     def on_fetch(_button: Any) -> None:
@@ -669,11 +536,12 @@ def build_app(bundle: ModelBundle, p: DashboardParams) -> Any:
 
 
 def main(params_file: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> None:
-    """Notebook entry point: load settings and model, then display the dashboard (or a clear error, never a traceback)."""
+    """Notebook entry point: load settings and model, then display the dashboard (or a clear error, never a
+    traceback)."""
     from IPython.display import HTML, display
 
     setup_logging()
-    display(HTML(PAGE_CSS))
+    display(HTML(page_css()))
     try:
         p = dashboard_params(params_file, overrides)
         Image.MAX_IMAGE_PIXELS = p.max_pixels
@@ -690,4 +558,3 @@ def main(params_file: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
         display(HTML('<div class="har-app">' + render_error("Sorry", message) + "</div>"))
         return
     display(build_app(bundle, p))
-

@@ -22,23 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-CLASS_NAMES: tuple[str, ...] = (
-    "calling",
-    "clapping",
-    "cycling",
-    "dancing",
-    "drinking",
-    "eating",
-    "fighting",
-    "hugging",
-    "laughing",
-    "listening_to_music",
-    "running",
-    "sitting",
-    "sleeping",
-    "texting",
-    "using_laptop",
-)
+from lib.labels import HAR_CLASSES as CLASS_NAMES  # the generator draws one scene type per dataset class
 
 GENERATOR_VERSION = 2
 MANIFEST = "_generated.json"
@@ -195,12 +179,18 @@ def _phone(centre: complex, deg: float, screen: bool) -> list[Shape]:
 def _mug(centre: complex, deg: float) -> list[Shape]:
     """A mug with a handle, tilted by `deg` degrees."""
     side = cmath.exp(1j * math.radians(deg))
-    return [("disc", centre - 0.055 * side, 0.03, "none", "cup"), ("poly", _rect(centre, 0.09, 0.12, deg), "cup", "fig")]
+    return [
+        ("disc", centre - 0.055 * side, 0.03, "none", "cup"),
+        ("poly", _rect(centre, 0.09, 0.12, deg), "cup", "fig"),
+    ]
 
 
 def _plate(centre: complex) -> list[Shape]:
     """A white plate seen from the side with a heap of food on it."""
-    return [("disc", centre - 0.035j, 0.05, "food", "food"), ("poly", _arc(centre, 0.15, 0.04, 0, 360, 18), "plate", "fig")]
+    return [
+        ("disc", centre - 0.035j, 0.05, "food", "food"),
+        ("poly", _arc(centre, 0.15, 0.04, 0, 360, 18), "plate", "fig"),
+    ]
 
 
 def _jit(rng: np.random.Generator, sd: float = 0.015) -> complex:
@@ -226,7 +216,11 @@ def _calling(rng: np.random.Generator) -> list[Shape]:
     other = _arms_down(rng, p, b["shoulder"])[int(rng.integers(2))]
     if rng.random() < 0.5:  # other hand on the hip
         other = _reach(b["shoulder"], b["hip"] + complex(-0.05, -0.03), p["upper_arm"], p["forearm"], bend=-1)
-    phone = _phone(arm[2] + 0.03 * b["forward"] - 0.03 * b["head_up"], math.degrees(cmath.phase(b["head_up"])) + 90 + rng.normal(0, 10), screen=False)
+    phone = _phone(
+        arm[2] + 0.03 * b["forward"] - 0.03 * b["head_up"],
+        math.degrees(cmath.phase(b["head_up"])) + 90 + rng.normal(0, 10),
+        screen=False,
+    )
     return _person(p, b, [arm, other] + _legs_standing(rng, p, 0j)) + phone
 
 
@@ -342,7 +336,10 @@ def _fighter(rng: np.random.Generator, p: dict[str, float], hip: complex, key: s
     punch = _limb(b["shoulder"], punch_deg, punch_deg + rng.normal(0, 6), p["upper_arm"], p["forearm"])
     guard = _reach(b["shoulder"], b["head"] + complex(0.07, 0.08), p["upper_arm"], p["forearm"], bend=1)
     l1, l2 = float(rng.uniform(25, 40)), float(rng.uniform(25, 40))
-    legs = [_limb(hip, l1, l1 - rng.uniform(0, 20), p["thigh"], p["shin"]), _limb(hip, -l2, -l2 + rng.uniform(0, 10), p["thigh"], p["shin"])]
+    legs = [
+        _limb(hip, l1, l1 - rng.uniform(0, 20), p["thigh"], p["shin"]),
+        _limb(hip, -l2, -l2 + rng.uniform(0, 10), p["thigh"], p["shin"]),
+    ]
     gloves: list[Shape] = [("disc", arm[2], 0.05, "gloves", "gloves") for arm in (punch, guard)]
     return _person(p, b, [punch, guard] + legs, key) + gloves
 
@@ -365,7 +362,13 @@ def _hugging(rng: np.random.Generator) -> list[Shape]:
         y = b["shoulder"].imag + float(rng.uniform(0.03, 0.08))
         arms = [
             _reach(b["shoulder"], complex(gap + 0.12 + rng.normal(0, 0.02), y), p["upper_arm"], p["forearm"], bend=1),
-            _reach(b["shoulder"], complex(gap + 0.1 + rng.normal(0, 0.02), y + rng.uniform(0.04, 0.1)), p["upper_arm"], p["forearm"], bend=1),
+            _reach(
+                b["shoulder"],
+                complex(gap + 0.1 + rng.normal(0, 0.02), y + rng.uniform(0.04, 0.1)),
+                p["upper_arm"],
+                p["forearm"],
+                bend=1,
+            ),
         ]
         person = _person(p, b, arms + _legs_standing(rng, p, b["hip"]), key)
         shapes += person if key == "fig" else _mirror(person, gap / 2)
@@ -383,7 +386,9 @@ def _laughing(rng: np.random.Generator) -> list[Shape]:
     r, fwd, up = p["head"], b["forward"], b["head_up"]
     centre = b["head"] + 0.25 * r * fwd + 0.1 * r * up
     mouth = [centre + 0.7 * r * fwd * cmath.exp(1j * t) for t in np.linspace(-0.2, math.pi * 0.75, 10)]
-    eye = [b["head"] + r * (0.45 * fwd + 0.35 * up + 0.2 * fwd * cmath.exp(1j * t)) for t in np.linspace(-math.pi, 0, 6)]
+    eye = [
+        b["head"] + r * (0.45 * fwd + 0.35 * up + 0.2 * fwd * cmath.exp(1j * t)) for t in np.linspace(-math.pi, 0, 6)
+    ]
     marks: list[Shape] = []
     for k in range(3):
         u = fwd * cmath.exp(-1j * math.radians(20 + 35 * k + rng.normal(0, 6)))
@@ -400,14 +405,19 @@ def _listening(rng: np.random.Generator) -> list[Shape]:
     side = up * 1j
     band = [b["head"] + 1.25 * r * (side * math.cos(t) + up * math.sin(t)) for t in np.linspace(0, math.pi, 12)]
     cup_deg = math.degrees(cmath.phase(up)) + 90
-    cups: list[Shape] = [("poly", _rect(b["head"] + s * 1.05 * r * side, 0.08, 0.13, cup_deg), "headphones", None) for s in (1, -1)]
+    cups: list[Shape] = [
+        ("poly", _rect(b["head"] + s * 1.05 * r * side, 0.08, 0.13, cup_deg), "headphones", None) for s in (1, -1)
+    ]
     arms = _arms_down(rng, p, b["shoulder"])
     if rng.random() < 0.25:
         arms[0] = _reach(b["shoulder"], b["head"] + 1.3 * r * side + 0.02, p["upper_arm"], p["forearm"], bend=1)
     notes: list[Shape] = []
     for _ in range(int(rng.integers(1, 3))):
         at = b["head"] + float(rng.choice([-1, 1])) * rng.uniform(0.2, 0.3) + rng.uniform(-0.05, 0.1) * up
-        notes += [("disc", at, 0.03, "note", "note"), ("line", [at + 0.025, at + 0.025 - 0.12j, at + 0.07 - 0.08j], 0.5, "note")]
+        notes += [
+            ("disc", at, 0.03, "note", "note"),
+            ("line", [at + 0.025, at + 0.025 - 0.12j, at + 0.07 - 0.08j], 0.5, "note"),
+        ]
     return _person(p, b, arms + _legs_standing(rng, p, 0j)) + [("line", band, 1.0, "headphones")] + cups + notes
 
 
@@ -434,7 +444,10 @@ def _sitting(rng: np.random.Generator) -> list[Shape]:
     b = _body(p, 0j, rng.uniform(-8, 8), rng.uniform(-5, 15))
     legs = _legs_seated(rng, p, 0j)
     knee = legs[0][1]
-    arms = [_reach(b["shoulder"], knee + complex(-rng.uniform(0.0, 0.12), -0.02), p["upper_arm"], p["forearm"], bend=1) for _ in range(2)]
+    arms = [
+        _reach(b["shoulder"], knee + complex(-rng.uniform(0.0, 0.12), -0.02), p["upper_arm"], p["forearm"], bend=1)
+        for _ in range(2)
+    ]
     if rng.random() < 0.3:  # one arm on the backrest
         arms[1] = _limb(b["shoulder"], -rng.uniform(10, 30), rng.uniform(-10, 10), p["upper_arm"], p["forearm"] * 0.8)
     return _chair(p, 0j, rng) + _person(p, b, arms + legs)
@@ -446,8 +459,14 @@ def _sleeping(rng: np.random.Generator) -> list[Shape]:
     # A lying figure: the body's "up" points to -x, so the head is on the left.
     b = _body(p, 0j, -90 + rng.normal(0, 4), rng.normal(-5, 10))
     k = float(rng.uniform(0, 25))
-    legs = [_limb(0j, 90 - k, 90 + k, p["thigh"], p["shin"]), _limb(0j, 90 + rng.normal(0, 4), 90 + rng.normal(0, 4), p["thigh"], p["shin"])]
-    arms = [_limb(b["shoulder"], 90 + rng.normal(0, 8), 90 + rng.normal(0, 12), p["upper_arm"], p["forearm"]) for _ in range(2)]
+    legs = [
+        _limb(0j, 90 - k, 90 + k, p["thigh"], p["shin"]),
+        _limb(0j, 90 + rng.normal(0, 4), 90 + rng.normal(0, 4), p["thigh"], p["shin"]),
+    ]
+    arms = [
+        _limb(b["shoulder"], 90 + rng.normal(0, 8), 90 + rng.normal(0, 12), p["upper_arm"], p["forearm"])
+        for _ in range(2)
+    ]
     if rng.random() < 0.3:  # hand under the head
         arms[0] = _reach(b["shoulder"], b["head"] + complex(0.02, 0.05), p["upper_arm"], p["forearm"], bend=1)
     top = p["head"] + 0.02
@@ -462,7 +481,12 @@ def _sleeping(rng: np.random.Generator) -> list[Shape]:
     blanket: list[Shape] = []
     if rng.random() < 0.4:
         x0 = b["shoulder"].real + 0.12
-        corners = [complex(x0, -0.07), complex(right - 0.03, -0.06), complex(right - 0.03, top + 0.02), complex(x0, top + 0.02)]
+        corners = [
+            complex(x0, -0.07),
+            complex(right - 0.03, -0.06),
+            complex(right - 0.03, top + 0.02),
+            complex(x0, top + 0.02),
+        ]
         blanket = [("poly", corners, "blanket", None)]
     return bed + _person(p, b, arms + legs) + blanket
 
@@ -473,7 +497,9 @@ def _texting(rng: np.random.Generator) -> list[Shape]:
     seated = rng.random() < 0.1
     b = _body(p, 0j, rng.uniform(-2, 10), rng.uniform(30, 50))
     phone_c = b["shoulder"] + complex(rng.uniform(0.12, 0.17), rng.uniform(0.05, 0.12))
-    arms = [_reach(b["shoulder"], phone_c + complex(d, 0.03), p["upper_arm"], p["forearm"], bend=-1) for d in (-0.03, 0.02)]
+    arms = [
+        _reach(b["shoulder"], phone_c + complex(d, 0.03), p["upper_arm"], p["forearm"], bend=-1) for d in (-0.03, 0.02)
+    ]
     legs = _legs_seated(rng, p, 0j) if seated else _legs_standing(rng, p, 0j)
     scene = _person(p, b, arms + legs) + _phone(phone_c, rng.uniform(-70, -40), screen=True)
     return (_chair(p, 0j, rng) + scene) if seated else scene
@@ -500,21 +526,48 @@ def _using_laptop(rng: np.random.Generator) -> list[Shape]:
         ("line", [hinge, screen_top], 1.8, "laptop"),
         ("line", [hinge + toward_user - 0.02j, screen_top + toward_user + 0.02j], 1.2, "screen"),
     ]
-    arms = [_reach(b["shoulder"], complex(x0 + d, base_y - 0.02), p["upper_arm"], p["forearm"], bend=1) for d in (0.03, 0.08)]
+    arms = [
+        _reach(b["shoulder"], complex(x0 + d, base_y - 0.02), p["upper_arm"], p["forearm"], bend=1)
+        for d in (0.03, 0.08)
+    ]
     return _chair(p, 0j, rng) + table + _person(p, b, arms + legs) + laptop
 
 
 SCENES: tuple[Callable[[np.random.Generator], list[Shape]], ...] = (
-    _calling, _clapping, _cycling, _dancing, _drinking, _eating, _fighting, _hugging,
-    _laughing, _listening, _running, _sitting, _sleeping, _texting, _using_laptop,
+    _calling,
+    _clapping,
+    _cycling,
+    _dancing,
+    _drinking,
+    _eating,
+    _fighting,
+    _hugging,
+    _laughing,
+    _listening,
+    _running,
+    _sitting,
+    _sleeping,
+    _texting,
+    _using_laptop,
 )
 
 # How each action is usually photographed: (full body, upper body, head and shoulders) probabilities.
 FRAMING: dict[str, tuple[float, float, float]] = {
-    "calling": (0.35, 0.5, 0.15), "clapping": (0.6, 0.4, 0.0), "cycling": (1.0, 0.0, 0.0), "dancing": (0.9, 0.1, 0.0),
-    "drinking": (0.35, 0.5, 0.15), "eating": (0.6, 0.4, 0.0), "fighting": (0.8, 0.2, 0.0), "hugging": (0.6, 0.4, 0.0),
-    "laughing": (0.2, 0.25, 0.55), "listening_to_music": (0.35, 0.4, 0.25), "running": (0.9, 0.1, 0.0),
-    "sitting": (1.0, 0.0, 0.0), "sleeping": (1.0, 0.0, 0.0), "texting": (0.4, 0.5, 0.1), "using_laptop": (0.8, 0.2, 0.0),
+    "calling": (0.35, 0.5, 0.15),
+    "clapping": (0.6, 0.4, 0.0),
+    "cycling": (1.0, 0.0, 0.0),
+    "dancing": (0.9, 0.1, 0.0),
+    "drinking": (0.35, 0.5, 0.15),
+    "eating": (0.6, 0.4, 0.0),
+    "fighting": (0.8, 0.2, 0.0),
+    "hugging": (0.6, 0.4, 0.0),
+    "laughing": (0.2, 0.25, 0.55),
+    "listening_to_music": (0.35, 0.4, 0.25),
+    "running": (0.9, 0.1, 0.0),
+    "sitting": (1.0, 0.0, 0.0),
+    "sleeping": (1.0, 0.0, 0.0),
+    "texting": (0.4, 0.5, 0.1),
+    "using_laptop": (0.8, 0.2, 0.0),
 }
 # Lowest point (figure units, hip at 0) that a framing must keep in the picture.
 FRAMING_CUT = (math.inf, 0.02, -0.2)
@@ -523,7 +576,9 @@ FRAMING_CUT = (math.inf, 0.02, -0.2)
 # --------------------------------------------------------------------------------------------- backgrounds
 
 
-def _hsv(rng: np.random.Generator, hue: tuple[float, float], sat: tuple[float, float], val: tuple[float, float]) -> np.ndarray:
+def _hsv(
+    rng: np.random.Generator, hue: tuple[float, float], sat: tuple[float, float], val: tuple[float, float]
+) -> np.ndarray:
     """A random colour with hue, saturation and value drawn from the given ranges, as float RGB 0-255."""
     h, s, v = (float(rng.uniform(*r)) for r in (hue, sat, val))
     return np.asarray(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255
@@ -547,12 +602,17 @@ def _plain(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
         return c1 + (c2 - c1) * t[..., None]
     gh, gw = int(rng.integers(2, 6)), int(rng.integers(2, 6))
     grid = np.stack([muted() for _ in range(gh * gw)]).reshape(gh, gw, 3)
-    return np.asarray(Image.fromarray(grid.astype(np.uint8), "RGB").resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    return np.asarray(
+        Image.fromarray(grid.astype(np.uint8), "RGB").resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32
+    )
 
 
 def _outdoor(rng: np.random.Generator, w: int, h: int, ground: str) -> np.ndarray:
-    """Pale sky over a park (grass), a country road (asphalt), a street (asphalt, buildings), a running track or a beach."""
-    arr = _gradient(_hsv(rng, (0.52, 0.62), (0.2, 0.5), (0.85, 1.0)), _hsv(rng, (0.5, 0.6), (0.0, 0.2), (0.9, 1.0)), w, h)
+    """Pale sky over a park (grass), a country road (asphalt), a street (asphalt, buildings), a running track or a
+    beach."""
+    arr = _gradient(
+        _hsv(rng, (0.52, 0.62), (0.2, 0.5), (0.85, 1.0)), _hsv(rng, (0.5, 0.6), (0.0, 0.2), (0.9, 1.0)), w, h
+    )
     horizon = int(h * rng.uniform(0.55, 0.7))
     if ground in ("park", "road"):
         colour = _hsv(rng, (0.2, 0.35), (0.35, 0.65), (0.55, 0.8))
@@ -602,7 +662,9 @@ def _stage(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 
 def _ring(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """A boxing ring: light hall, coloured canvas floor and three ropes."""
-    arr = _gradient(_hsv(rng, (0.0, 1.0), (0.0, 0.15), (0.75, 0.95)), _hsv(rng, (0.0, 1.0), (0.0, 0.15), (0.65, 0.85)), w, h)
+    arr = _gradient(
+        _hsv(rng, (0.0, 1.0), (0.0, 0.15), (0.75, 0.95)), _hsv(rng, (0.0, 1.0), (0.0, 0.15), (0.65, 0.85)), w, h
+    )
     floor = int(h * rng.uniform(0.68, 0.8))
     arr[floor:] = _hsv(rng, (0.55, 0.65), (0.4, 0.7), (0.55, 0.8))
     rope_colour = _hsv(rng, (0.97, 1.03), (0.6, 0.9), (0.7, 0.95))
@@ -613,7 +675,9 @@ def _ring(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return arr
 
 
-def _room(rng: np.random.Generator, w: int, h: int, hue: tuple[float, float], floor_hue: tuple[float, float]) -> np.ndarray:
+def _room(
+    rng: np.random.Generator, w: int, h: int, hue: tuple[float, float], floor_hue: tuple[float, float]
+) -> np.ndarray:
     """A wall of the given hue range over a floor, with a window or a picture on the wall."""
     arr = _gradient(_hsv(rng, hue, (0.1, 0.35), (0.75, 0.95)), _hsv(rng, hue, (0.1, 0.35), (0.65, 0.88)), w, h)
     floor = int(h * rng.uniform(0.72, 0.86))
@@ -621,7 +685,11 @@ def _room(rng: np.random.Generator, w: int, h: int, hue: tuple[float, float], fl
     fw, fh = int(w * rng.uniform(0.12, 0.25)), int(h * rng.uniform(0.15, 0.3))
     x0 = int(rng.choice([rng.uniform(0.02, 0.2), rng.uniform(0.6, 0.85)]) * w)
     y0 = int(h * rng.uniform(0.08, 0.3))
-    arr[y0 : y0 + fh, x0 : x0 + fw] = _hsv(rng, (0.5, 0.6), (0.2, 0.5), (0.85, 1.0)) if rng.random() < 0.5 else _hsv(rng, (0, 1), (0.2, 0.5), (0.6, 0.9))
+    arr[y0 : y0 + fh, x0 : x0 + fw] = (
+        _hsv(rng, (0.5, 0.6), (0.2, 0.5), (0.85, 1.0))
+        if rng.random() < 0.5
+        else _hsv(rng, (0, 1), (0.2, 0.5), (0.6, 0.9))
+    )
     return arr
 
 
@@ -642,7 +710,9 @@ def _tiles(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 
 def _office(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """An office: pale wall, a wide window with horizontal blinds behind the person, a grey desk below."""
-    arr = _gradient(_hsv(rng, (0.55, 0.65), (0.03, 0.15), (0.8, 0.95)), _hsv(rng, (0.55, 0.65), (0.03, 0.15), (0.7, 0.88)), w, h)
+    arr = _gradient(
+        _hsv(rng, (0.55, 0.65), (0.03, 0.15), (0.8, 0.95)), _hsv(rng, (0.55, 0.65), (0.03, 0.15), (0.7, 0.88)), w, h
+    )
     side = min(w, h)  # the window spans the central square, so that it survives the evaluation center crop
     x0 = (w - side) // 2 + int(side * rng.uniform(0.05, 0.2))
     x1 = (w + side) // 2 - int(side * rng.uniform(0.05, 0.2))
@@ -686,15 +756,41 @@ def _party(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     return img
 
 
-SETTINGS = ("plain", "park", "road", "street", "track", "beach", "ring", "stage", "living_room", "bedroom", "kitchen", "cafe", "office", "party")
+SETTINGS = (
+    "plain",
+    "park",
+    "road",
+    "street",
+    "track",
+    "beach",
+    "ring",
+    "stage",
+    "living_room",
+    "bedroom",
+    "kitchen",
+    "cafe",
+    "office",
+    "party",
+)
 
 # Where each action is usually photographed. Scene context is a real, and sometimes misleading, cue in
 # action photos; classes that share a setting (sitting/using_laptop, listening_to_music/sleeping) stay confusable.
 USUAL_SETTING: dict[str, str] = {
-    "calling": "office", "clapping": "stage", "cycling": "road", "dancing": "party", "drinking": "cafe",
-    "eating": "kitchen", "fighting": "ring", "hugging": "beach", "laughing": "park",
-    "listening_to_music": "bedroom", "running": "track", "sitting": "living_room", "sleeping": "bedroom",
-    "texting": "street", "using_laptop": "living_room",
+    "calling": "office",
+    "clapping": "stage",
+    "cycling": "road",
+    "dancing": "party",
+    "drinking": "cafe",
+    "eating": "kitchen",
+    "fighting": "ring",
+    "hugging": "beach",
+    "laughing": "park",
+    "listening_to_music": "bedroom",
+    "running": "track",
+    "sitting": "living_room",
+    "sleeping": "bedroom",
+    "texting": "street",
+    "using_laptop": "living_room",
 }
 
 
@@ -752,7 +848,9 @@ def _luma(c: tuple[float, float, float]) -> float:
     return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
 
 
-def _colour(rng: np.random.Generator, hue: tuple[float, float], sat: tuple[float, float], val: tuple[float, float]) -> tuple[int, int, int]:
+def _colour(
+    rng: np.random.Generator, hue: tuple[float, float], sat: tuple[float, float], val: tuple[float, float]
+) -> tuple[int, int, int]:
     """A random colour from hue, saturation and value ranges, as 8-bit RGB."""
     r, g, b = _hsv(rng, hue, sat, val)
     return (round(float(r)), round(float(g)), round(float(b)))
@@ -789,7 +887,9 @@ def _palette(rng: np.random.Generator) -> Palette:
     return colours
 
 
-def _transform(shapes: list[Shape], rng: np.random.Generator, w: int, h: int, cut: float, pad: float) -> tuple[list[Shape], float]:
+def _transform(
+    shapes: list[Shape], rng: np.random.Generator, w: int, h: int, cut: float, pad: float
+) -> tuple[list[Shape], float]:
     """Rotate, mirror, scale and place the scene in the central square; points above `cut`, plus `pad`, must fit."""
     rot = cmath.exp(1j * math.radians(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)))
     mirror = rng.random() < 0.5
@@ -850,7 +950,12 @@ def _draw(img: Image.Image, shapes: list[Shape], palette: Palette, width_px: flo
             )
         else:
             outline = None if s[3] is None else palette[s[3]]
-            draw.polygon([(z.real, z.imag) for z in s[1]], fill=palette[s[2]], outline=outline, width=max(1, round(0.3 * width_px)))
+            draw.polygon(
+                [(z.real, z.imag) for z in s[1]],
+                fill=palette[s[2]],
+                outline=outline,
+                width=max(1, round(0.3 * width_px)),
+            )
 
 
 def _pick_framing(label: int, rng: np.random.Generator) -> float:
@@ -867,7 +972,9 @@ def render(label: int, rng: np.random.Generator, size: tuple[int, int]) -> Image
     _draw(img, shapes, _palette(rng), width * scale)
     if rng.random() < BLUR_FRACTION:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
-    arr = np.asarray(img, dtype=np.float32) + float(rng.uniform(0, MAX_NOISE_STD)) * rng.standard_normal((h, w, 3), dtype=np.float32)
+    arr = np.asarray(img, dtype=np.float32) + float(rng.uniform(0, MAX_NOISE_STD)) * rng.standard_normal(
+        (h, w, 3), dtype=np.float32
+    )
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -915,7 +1022,12 @@ def _write_one(folder: Path, name: str, label: int, index: int, seed: int) -> Pa
 
 def _expected_manifest(images_per_class: int, seed: int) -> dict:
     """The content of _generated.json for a complete set."""
-    return {"generator_version": GENERATOR_VERSION, "images_per_class": images_per_class, "seed": seed, "classes": list(CLASS_NAMES)}
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "images_per_class": images_per_class,
+        "seed": seed,
+        "classes": list(CLASS_NAMES),
+    }
 
 
 def _is_complete(root: Path, images_per_class: int, seed: int) -> bool:
@@ -924,9 +1036,13 @@ def _is_complete(root: Path, images_per_class: int, seed: int) -> bool:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    if {k: manifest.get(k) for k in ("generator_version", "images_per_class", "seed", "classes")} != _expected_manifest(images_per_class, seed):
+    if {k: manifest.get(k) for k in ("generator_version", "images_per_class", "seed", "classes")} != _expected_manifest(
+        images_per_class, seed
+    ):
         return False
-    return all((root / rel).is_file() for rel in manifest.get("files", [])) and len(manifest.get("files", [])) == images_per_class * len(CLASS_NAMES)
+    return all((root / rel).is_file() for rel in manifest.get("files", [])) and len(
+        manifest.get("files", [])
+    ) == images_per_class * len(CLASS_NAMES)
 
 
 def write_image_folder(root: str | Path, images_per_class: int, seed: int = 0) -> Path:

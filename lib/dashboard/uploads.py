@@ -80,7 +80,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, max_side: int | N
                 raise UploadError("The image has no pixels.")
             if w * h > max_pixels:
                 raise UploadError(
-                    f"The image is {w} x {h} = {w * h / 1e6:.1f} megapixels; the limit is {max_pixels / 1e6:.1f} megapixels."
+                    f"The image is {w} x {h} = {w * h / 1e6:.1f} megapixels; "
+                    f"the limit is {max_pixels / 1e6:.1f} megapixels."
                 )
             animated = bool(getattr(img, "is_animated", False))
             img.seek(0)
@@ -97,7 +98,9 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, max_side: int | N
         raise UploadError(f"The image has too many pixels (limit {max_pixels / 1e6:.1f} megapixels).") from exc
     except UnidentifiedImageError as exc:
         if _heif_like(data):
-            raise UploadError("HEIC/HEIF photos are not supported: export the photo as JPEG (or set the camera to 'Most Compatible').") from exc
+            raise UploadError(
+                "HEIC/HEIF photos are not supported: export the photo as JPEG (or set the camera to 'Most Compatible')."
+            ) from exc
         raise UploadError(f"This file is not an image we can read. Please upload a {SUPPORTED} file.") from exc
     except (OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as exc:
         raise UploadError("The image file is damaged or truncated and cannot be decoded.") from exc
@@ -201,7 +204,10 @@ def check_url(
         if not allow(ipaddress.ip_address(addr)):
             raise UploadError("That address points to a private or reserved network and is not allowed.")
     if port not in allowed_ports:
-        raise UploadError(f"Port {port} is not allowed; use a normal web address (ports {', '.join(map(str, sorted(allowed_ports)))}).")
+        raise UploadError(
+            f"Port {port} is not allowed; use a normal web address "
+            f"(ports {', '.join(map(str, sorted(allowed_ports)))})."
+        )
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return scheme, host, port, addresses[0], target
 
@@ -230,7 +236,9 @@ def fetch_url(
             else _PinnedHTTPConnection(host, ip, port, remaining)
         )
         try:
-            conn.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"})
+            conn.request(
+                "GET", target, headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"}
+            )
             resp = conn.getresponse()
             if resp.status in REDIRECT_CODES:
                 location = resp.getheader("Location")
@@ -242,7 +250,9 @@ def fetch_url(
                 raise UploadError(f"The server answered HTTP {resp.status} {resp.reason}.")
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
             if ctype in ("text/html", "application/xhtml+xml"):
-                raise UploadError("That URL is a web page, not an image: copy the image's own address (right-click the image).")
+                raise UploadError(
+                    "That URL is a web page, not an image: copy the image's own address (right-click the image)."
+                )
             length = resp.getheader("Content-Length")
             if length and length.isdigit():
                 check_size(int(length), max_bytes)

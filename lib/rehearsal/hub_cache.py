@@ -4,7 +4,8 @@ Used by the rehearsal (full-size ViT-B/16, real or generated photos) and by the 
 generated images). Both libraries resolve these without a network once HF_HUB_CACHE / HF_DATASETS_CACHE point at
 the folders and HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 are set in the environment of the process that loads them.
 
-    python -m lib.hub_cache HUB_DIR DATASETS_DIR [--size base] [--per-class 11] [--images ../shared/data/har_sample]
+    python -m lib.rehearsal.hub_cache HUB_DIR DATASETS_DIR [--size base] [--per-class 11] \
+        [--images ../shared/data/har_sample]
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from lib.synthetic import CLASS_NAMES
+from lib.labels import HAR_CLASSES
 
 HUB_MODEL_ID = "google/vit-base-patch16-224"
 HUB_IN21K_ID = "google/vit-base-patch16-224-in21k"
 HUB_DATASET_ID = "Bingsu/Human_Action_Recognition"
 # The tiny stand-in keeps the tests fast; "base" is ViTConfig's defaults, the architecture of both Google ids
 # (224 px, patch 16, hidden 768, 12 layers, 12 heads, MLP 3072).
-TINY_VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
-            "intermediate_size": 64}
+TINY_VIT = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -70,7 +78,7 @@ def write_model_cache(
 
 def generated_jpeg(label: int, rng: np.random.Generator) -> bytes:
     """One image of class `label` from the embedded generator, photo-like size, as JPEG bytes."""
-    from lib.synthetic import render
+    from lib.demo.synthetic import render
 
     size = (int(rng.integers(160, 321)), int(rng.integers(120, 241)))
     buf = io.BytesIO()
@@ -81,7 +89,7 @@ def generated_jpeg(label: int, rng: np.random.Generator) -> bytes:
 def folder_images(image_folder: Path, per_class: int) -> list[tuple[bytes, int]]:
     """The first per_class image files (sorted by name) of each class folder, as (bytes, label)."""
     items = []
-    for label, name in enumerate(CLASS_NAMES):
+    for label, name in enumerate(HAR_CLASSES):
         files = sorted(p for p in (Path(image_folder) / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if len(files) < per_class:
             raise ValueError(f"{image_folder / name} holds {len(files)} images, {per_class} wanted")
@@ -105,13 +113,13 @@ def write_dataset_cache(
     """
     import datasets
 
-    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=list(CLASS_NAMES))})
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=list(HAR_CLASSES))})
     rng = np.random.default_rng(seed)
     if image_folder is not None:
         train = folder_images(image_folder, per_class)
     else:
-        train = [(generated_jpeg(c, rng), c) for c in range(len(CLASS_NAMES)) for _ in range(per_class)]
-    test = [(generated_jpeg(i % len(CLASS_NAMES), rng), 0) for i in range(test_images)]
+        train = [(generated_jpeg(c, rng), c) for c in range(len(HAR_CLASSES)) for _ in range(per_class)]
+    test = [(generated_jpeg(i % len(HAR_CLASSES), rng), 0) for i in range(test_images)]
     namespace, name = dataset_id.split("/")
     snake = datasets.naming.camelcase_to_snakecase(name)
     folder = Path(datasets_cache) / f"{namespace}___{snake}" / "default" / "0.0.0" / "0000000000000000"
@@ -138,8 +146,11 @@ def write_dataset_cache(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: build both Google ids and the dataset cache; print a JSON summary."""
-    ap = argparse.ArgumentParser(prog="python -m lib.hub_cache", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m lib.rehearsal.hub_cache",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("hub_cache", type=Path)
     ap.add_argument("datasets_cache", type=Path)
     ap.add_argument("--size", choices=["tiny", "base"], default="base")
@@ -147,18 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, help="image folder with one subfolder per class (default: generated)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     snapshots = {
         HUB_MODEL_ID: write_model_cache(args.hub_cache, HUB_MODEL_ID, args.size, classifier=True, seed=args.seed),
         HUB_IN21K_ID: write_model_cache(args.hub_cache, HUB_IN21K_ID, args.size, classifier=False, seed=args.seed),
     }
     folder = write_dataset_cache(args.datasets_cache, args.per_class, image_folder=args.images, seed=args.seed)
     info = json.loads((folder / "dataset_info.json").read_text())
-    print(json.dumps({
-        "models": {k: str(v) for k, v in snapshots.items()},
-        "dataset": str(folder),
-        "images": "generated" if args.images is None else str(args.images),
-        "splits": {k: v["num_examples"] for k, v in info["splits"].items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "models": {k: str(v) for k, v in snapshots.items()},
+                "dataset": str(folder),
+                "images": "generated" if args.images is None else str(args.images),
+                "splits": {k: v["num_examples"] for k, v in info["splits"].items()},
+            }
+        )
+    )
     return 0
 
 

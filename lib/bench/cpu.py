@@ -14,24 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from lib.labels import HAR_CLASSES
 from lib.params import ROOT
 from lib.predict import EXPORT_DIR, SERVING_FILE, load_predictor, model_folder, read_serving
-from lib.synthetic import CLASS_NAMES
 
-HAR_LABELS = list(CLASS_NAMES)
+HAR_LABELS = list(HAR_CLASSES)  # labels of the generated benchmark photos
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # Instruction sets that decide fp32 GEMM and int8 (VNNI, AMX) speed on x86.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
@@ -39,8 +41,12 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    ap = argparse.ArgumentParser(prog="python -m lib.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, help="trained run folder (model/ and maybe export/); default: random ViT-B/16")
+    ap = argparse.ArgumentParser(
+        prog="python -m lib.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model-dir", type=Path, help="trained run folder (model/ and maybe export/); default: random ViT-B/16"
+    )
     ap.add_argument("--images", type=Path, help="folder of images (searched recursively); default: generated images")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench", help="where <timestamp>.json goes")
     ap.add_argument("--quick", action="store_true", help="tiny model, few iterations (same JSON structure)")
@@ -127,8 +133,17 @@ def build_random_run(work: Path, quick: bool) -> Path:
     from lib.model import build_model, save_model
     from lib.params import ModelParams, VitConfig
 
-    cfg = VitConfig() if quick else VitConfig(
-        image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    cfg = (
+        VitConfig()
+        if quick
+        else VitConfig(
+            image_size=224,
+            patch_size=16,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        )
     )
     model, processor, spec = build_model(ModelParams(source="config", config=cfg), HAR_LABELS)
     save_model(model, processor, spec, work / "model")
@@ -197,10 +212,17 @@ def others_percent(before: tuple[float, float, float], after: tuple[float, float
 def percentiles(times: list[float]) -> dict:
     """p50 / p95 / mean in milliseconds."""
     a = np.asarray(times) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "mean_ms": float(a.mean()), "n": len(a)}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "mean_ms": float(a.mean()),
+        "n": len(a),
+    }
 
 
-def alternate(paths: dict[str, Callable[[Image.Image], Any]], images: list[Image.Image], iters: int, warmup: int = 2) -> dict[str, list[float]]:
+def alternate(
+    paths: dict[str, Callable[[Image.Image], Any]], images: list[Image.Image], iters: int, warmup: int = 2
+) -> dict[str, list[float]]:
     """Seconds per call of each path, the paths alternated image by image (order rotated each round)."""
     names = list(paths)
     for im in images[:warmup]:
@@ -235,11 +257,13 @@ elif kind == "serving":
     from lib.predict import load_predictor
     load_predictor(where, backend="onnx", threads=threads).predict_proba([img])
 else:  # an ONNX file, served with the same preprocessing
-    from lib.predict import Predictor, model_folder, onnx_runner, onnx_session, read_labels, read_temperature
+    from lib.labels import config_labels
+    from lib.predict import Predictor, model_folder, onnx_runner, onnx_session, read_temperature
     from lib.transforms import load_spec
     model_dir = model_folder(where)
     run = onnx_runner(onnx_session(kind, threads))
-    Predictor(run, read_labels(model_dir), load_spec(model_dir), read_temperature(model_dir), "onnx", kind).predict_proba([img])
+    labels, spec, temperature = config_labels(model_dir), load_spec(model_dir), read_temperature(model_dir)
+    Predictor(run, labels, spec, temperature, "onnx", kind).predict_proba([img])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 try:  # VmHWM: the peak of this process image only (ru_maxrss also carries the parent's size across fork + exec)
     peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
@@ -259,7 +283,11 @@ def peak_rss(kind: str, where: Path, image: Path, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, kind, str(where), str(image), str(threads)],
-        capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        env=env,
+        timeout=600,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe '{kind}' failed:\n{proc.stderr[-3000:]}")
@@ -277,7 +305,8 @@ def eval_dataset(paths: list[Path]) -> Any:
 
 
 def eval_throughput(root: Path, model_dir: Path, paths: list[Path], batch_size: int, threads: int) -> dict:
-    """Images/s over the same images: reference per-image loop, dataset_logits (torch, batched), batched ONNX (served file)."""
+    """Images/s over the same images: reference per-image loop, dataset_logits (torch, batched), batched ONNX
+    (the served file)."""
     import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -309,7 +338,9 @@ def eval_throughput(root: Path, model_dir: Path, paths: list[Path], batch_size: 
         "dataset_logits_images_per_s": len(ds) / t_ours,
         "onnx_batched_images_per_s": len(ds) / t_onnx,
         "eval_path": f"lib.predict.dataset_logits (PyTorch fp32, batch {batch_size}, the evaluate stage)",
-        "onnx_path": f"lib.export.predictor_logits ({Path(pred.model_file).name}, batch {batch_size}, the export check)",
+        "onnx_path": (
+            f"lib.export.predictor_logits ({Path(pred.model_file).name}, batch {batch_size}, the export check)"
+        ),
         "top1_agreement_dataset_logits_vs_reference": float(np.mean(ours.argmax(1) == ref.argmax(1))),
         "top1_agreement_onnx_vs_reference": float(np.mean(onnx_logits.argmax(1) == ref.argmax(1))),
     }
@@ -340,11 +371,21 @@ def run_bench(args: argparse.Namespace) -> dict:
         model_dir = model_folder(serve_root)
         ours = load_predictor(serve_root, backend="onnx", threads=args.threads)
         fp32_path = serve_root / EXPORT_DIR / "model.onnx"
-        paths: dict[str, Callable[[Image.Image], Any]] = {"reference": reference_path(model_dir), "ours": lambda im: ours.predict_proba([im])}
+        paths: dict[str, Callable[[Image.Image], Any]] = {
+            "reference": reference_path(model_dir),
+            "ours": lambda im, served=ours: served.predict_proba([im]),
+        }
         if fp32_path.is_file() and Path(ours.model_file).name != fp32_path.name:
             from lib.predict import Predictor, onnx_runner, onnx_session
 
-            fp32 = Predictor(onnx_runner(onnx_session(fp32_path, args.threads)), ours.labels, ours.spec, ours.temperature, "onnx", str(fp32_path))
+            fp32 = Predictor(
+                onnx_runner(onnx_session(fp32_path, args.threads)),
+                ours.labels,
+                ours.spec,
+                ours.temperature,
+                "onnx",
+                str(fp32_path),
+            )
             paths["fp32_onnx"] = lambda im: fp32.predict_proba([im])
         images = [open_rgb(p) for p in files[: min(len(files), max(iters, 8))]]
         before = cpu_snapshot()
@@ -370,8 +411,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         "settings": {
             "threads": args.threads,
             "quick": bool(args.quick),
-            "model": "random ViT-B/16 (ViTConfig defaults), 224 px" if random_weights and not args.quick else (
-                "random tiny ViT (quick)" if random_weights else str(args.model_dir)),
+            "model": "random ViT-B/16 (ViTConfig defaults), 224 px"
+            if random_weights and not args.quick
+            else ("random tiny ViT (quick)" if random_weights else str(args.model_dir)),
             "images": str(args.images) if args.images else "synthetic JPEGs",
             "latency_pairs": iters,
             "export_seconds": round(export_s, 1),
@@ -398,6 +440,10 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def format_table(r: dict) -> str:
     """The result as a plain-text table."""
+
+    def row(name: str, t: dict, rss: float) -> str:
+        return f"{name:<44}{t['p50_ms']:>9.1f}{t['p95_ms']:>9.1f}{rss:>14.0f}"
+
     m, lat, ev = r["machine"], r["latency"], r["eval"]
     busy = m["other_processes_cpu_percent"]
     lines = [
@@ -406,29 +452,35 @@ def format_table(r: dict) -> str:
         f"model: {r['settings']['model']}; images: {r['settings']['images']}; served: {r['serving_model']}",
         "",
         f"{'path':<44}{'p50 ms':>9}{'p95 ms':>9}{'peak RSS MiB':>14}",
-        f"{'reference: HF processor + PyTorch fp32, b=1':<44}{lat['reference']['p50_ms']:>9.1f}{lat['reference']['p95_ms']:>9.1f}{r['reference_rss_mib']:>14.0f}",
-        f"{'ours: load_predictor -> ' + r['serving_model']:<44}{lat['ours']['p50_ms']:>9.1f}{lat['ours']['p95_ms']:>9.1f}{r['serving_rss_mib']:>14.0f}",
+        row("reference: HF processor + PyTorch fp32, b=1", lat["reference"], r["reference_rss_mib"]),
+        row("ours: load_predictor -> " + r["serving_model"], lat["ours"], r["serving_rss_mib"]),
     ]
     if "fp32_onnx" in lat:
         rss = r["rss"].get("fp32_onnx", {}).get("peak_rss_mib", float("nan"))
-        lines.append(f"{'(fp32 ONNX, same preprocessing)':<44}{lat['fp32_onnx']['p50_ms']:>9.1f}{lat['fp32_onnx']['p95_ms']:>9.1f}{rss:>14.0f}")
+        lines.append(row("(fp32 ONNX, same preprocessing)", lat["fp32_onnx"], rss))
     lines += [
-        f"latency ratio reference/ours: p50 {r['latency_ratio_p50']:.2f}x, pair-by-pair median {r['latency_ratio_pairwise_median']:.2f}x",
+        f"latency ratio reference/ours: p50 {r['latency_ratio_p50']:.2f}x, "
+        f"pair-by-pair median {r['latency_ratio_pairwise_median']:.2f}x",
         "",
         f"evaluation throughput over {ev['images']} images (images/s):",
         f"  reference per-image loop       {ev['reference_images_per_s']:8.2f}",
-        f"  dataset_logits (evaluate)      {ev['dataset_logits_images_per_s']:8.2f}  -> {r['eval_throughput_ratio']:.2f}x",
-        f"  batched ONNX (export check)    {ev['onnx_batched_images_per_s']:8.2f}  -> {r['eval_onnx_throughput_ratio']:.2f}x",
+        f"  dataset_logits (evaluate)      {ev['dataset_logits_images_per_s']:8.2f}"
+        f"  -> {r['eval_throughput_ratio']:.2f}x",
+        f"  batched ONNX (export check)    {ev['onnx_batched_images_per_s']:8.2f}"
+        f"  -> {r['eval_onnx_throughput_ratio']:.2f}x",
     ]
     if max(busy.values()) > 5:
-        lines.append("warning: other processes were busy during the run; PyTorch with 2 threads slows down far more than "
-                     "ONNX Runtime under contention, so the ratios are inflated: rerun on a quiet machine")
+        lines.append(
+            "warning: other processes were busy during the run; PyTorch with 2 threads slows down far more than "
+            "ONNX Runtime under contention, so the ratios are inflated: rerun on a quiet machine"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: run, print the table, write outputs/bench/<timestamp>.json."""
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_bench(args)
     path = args.out / f"{result['timestamp']}.json"
     path.write_text(json.dumps(result, indent=2))

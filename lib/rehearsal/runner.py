@@ -14,7 +14,7 @@ Steps, each in its own process, timed, with the peak RSS and PSS of its process 
   dashboard     Voila as `make dashboard` runs it pulls the published version from the moto S3 into a fresh cache;
                 headless Chromium uploads a photo and waits for the top-k labels; kernel and server RSS;
   reference/*   params/har_vit_reference.yaml through prepare, train and evaluate on the same caches;
-  gpu_bench     on a CUDA machine only: python -m lib.gpu_bench.
+  gpu_bench     on a CUDA machine only: python -m lib.bench.gpu.
 Only run-length/size keys and the registry location may differ from the profile (OVERRIDABLE); anything else is
 refused. Prints a table and writes outputs/rehearsal/<timestamp>.json; exits 1 when a step failed.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -40,8 +41,9 @@ from typing import Any
 
 import yaml
 
-from lib.fake_s3 import FAKE_AWS_ENV, UNSET_AWS_ENV, free_port, start_moto
-from lib.params import ROOT, TrainParams, load_params, parse_override
+from lib.files import read_json
+from lib.params import ROOT, TrainParams, flatten, load_params, parse_override
+from lib.rehearsal.fake_s3 import FAKE_AWS_ENV, UNSET_AWS_ENV, free_port, start_moto
 
 PROFILE = ROOT / "params" / "har_vit.yaml"
 REFERENCE = ROOT / "params" / "har_vit_reference.yaml"
@@ -49,8 +51,14 @@ OUT_ROOT = ROOT / "outputs" / "rehearsal"
 HAR_SAMPLE = ROOT.parent / "shared" / "data" / "har_sample"
 BUCKET = "har-rehearsal"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 MIB = 2**20
 SAMPLE_S = 0.2  # RSS sampling period; spikes shorter than this can be missed
 STEP_TIMEOUT_S = 1800  # a hung step is killed and reported, the rehearsal goes on
@@ -90,9 +98,16 @@ OVERRIDABLE: dict[str, str] = {
     "dashboard.registry": "registry location: the local moto S3",
 }
 # Allowed in the publish step only, after the gated publish refused.
-GATE_OFF = {"publish.gate.enabled": (False, (
-    "the profile's gate (accuracy and weighted F1 >= 0.85) cannot pass with random weights; publish_gate ran it "
-    "and it refused with nothing uploaded; this step switches it off so the upload to S3 really happens"))}
+GATE_OFF = {
+    "publish.gate.enabled": (
+        False,
+        (
+            "the profile's gate (accuracy and weighted F1 >= 0.85) cannot pass with random weights; "
+            "publish_gate ran it and it refused with nothing uploaded; "
+            "this step switches it off so the upload to S3 really happens"
+        ),
+    )
+}
 PIPELINE_STEPS = ("prepare", "train", "evaluate", "export", "publish_gate", "publish")
 REFERENCE_STEPS = ("prepare", "train", "evaluate")
 ACCELERATED = {"train", "evaluate"}  # steps that use the GPU when there is one; the others run on the CPU
@@ -124,8 +139,12 @@ def size_overrides(profile: Path, device: str) -> dict[str, Any]:
     """Batch sizes and workers for the device: the CPU sizes above where the profile differs, none on a GPU."""
     if device == "cuda":
         return {}
-    sizes = {"train.batch_size": CPU_TRAIN_BATCH, "train.num_workers": CPU_WORKERS,
-             "evaluate.batch_size": CPU_EVAL_BATCH, "evaluate.num_workers": CPU_WORKERS}
+    sizes = {
+        "train.batch_size": CPU_TRAIN_BATCH,
+        "train.num_workers": CPU_WORKERS,
+        "evaluate.batch_size": CPU_EVAL_BATCH,
+        "evaluate.num_workers": CPU_WORKERS,
+    }
     p = load_params(profile).model_dump()
     return {k: v for k, v in sizes.items() if p[k.split(".")[0]][k.split(".")[1]] != v}
 
@@ -147,19 +166,12 @@ def as_sets(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
 
 
-def leaf_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value for every leaf of a params tree (a list, such as the gate's conditions, is one leaf)."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in leaf_keys(sub, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
 def coverage(profile: Path, step_overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """For every leaf key of the profile file: its value, and whether it ran at it or was overridden (where, how).
 
     Also lists the overridden keys the file does not set (they replace a default of lib/params.py).
     """
-    leaves = leaf_keys(yaml.safe_load(profile.read_text()) or {})
+    leaves = flatten(yaml.safe_load(profile.read_text()) or {})
     keys = []
     for key, value in leaves.items():
         where = {step: ovr[key] for step, ovr in step_overrides.items() if key in ovr}
@@ -174,8 +186,13 @@ def coverage(profile: Path, step_overrides: dict[str, dict[str, Any]]) -> dict[s
             if key not in leaves:
                 added.setdefault(key, {"key": key, "override": value, "steps": []})["steps"].append(step)
     overridden = sum(r["ran"] != "profile" for r in keys)
-    return {"profile": rel(profile), "at_profile_value": len(keys) - overridden, "overridden": overridden,
-            "keys": keys, "not_in_profile": list(added.values())}
+    return {
+        "profile": rel(profile),
+        "at_profile_value": len(keys) - overridden,
+        "overridden": overridden,
+        "keys": keys,
+        "not_in_profile": list(added.values()),
+    }
 
 
 def _norm(value: Any) -> Any:
@@ -193,10 +210,13 @@ def _norm(value: Any) -> Any:
 
 def profile_mismatches(profile: Path, resolved: Path, overrides: dict[str, Any]) -> list[str]:
     """Keys of the profile file whose value in a run's resolved params.yaml differs without an override."""
-    want = leaf_keys(yaml.safe_load(profile.read_text()) or {})
-    got = leaf_keys(yaml.safe_load(resolved.read_text()) or {})
-    return [f"{k}: profile {v!r}, ran {got.get(k)!r}" for k, v in want.items()
-            if k not in overrides and _norm(v) != _norm(got.get(k))]
+    want = flatten(yaml.safe_load(profile.read_text()) or {})
+    got = flatten(yaml.safe_load(resolved.read_text()) or {})
+    return [
+        f"{k}: profile {v!r}, ran {got.get(k)!r}"
+        for k, v in want.items()
+        if k not in overrides and _norm(v) != _norm(got.get(k))
+    ]
 
 
 # --------------------------------------------------------------------------- processes and memory
@@ -236,7 +256,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
 def sampled_peak(pid: int) -> Iterator[dict[str, float]]:
     """Sample tree_memory(pid) every SAMPLE_S in a thread. The yielded dict holds, when the block ends, the peaks
     in MiB ('peak_rss_mib', 'peak_pss_mib') and the share of the CPUs other processes used meanwhile."""
-    from lib.bench import cpu_snapshot, others_percent
+    from lib.bench.cpu import cpu_snapshot, others_percent
 
     peaks = [0, 0]
     stop = threading.Event()
@@ -256,8 +276,11 @@ def sampled_peak(pid: int) -> Iterator[dict[str, float]]:
     finally:
         stop.set()
         thread.join()
-        box.update(peak_rss_mib=round(peaks[0] / MIB), peak_pss_mib=round(peaks[1] / MIB),
-                   others_cpu_percent=round(others_percent(before, cpu_snapshot()), 1))
+        box.update(
+            peak_rss_mib=round(peaks[0] / MIB),
+            peak_pss_mib=round(peaks[1] / MIB),
+            others_cpu_percent=round(others_percent(before, cpu_snapshot()), 1),
+        )
 
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
@@ -301,7 +324,7 @@ def failure_text(log: Path) -> dict[str, Any]:
     """The runner's error (stage, executed notebook, error line) and the notebook's traceback tail, from a log."""
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
-    found: dict[str, Any] = {"error": "\n".join(lines[starts[-1]:][:12] if starts else lines[-15:])}
+    found: dict[str, Any] = {"error": "\n".join(lines[starts[-1] :][:12] if starts else lines[-15:])}
     match = re.search(r"executed notebook: (\S+)", found["error"])
     if match:
         found["notebook"] = rel(match.group(1))
@@ -329,17 +352,18 @@ def notebook_traceback(notebook: Path, lines: int = 15) -> str:
 def pipeline_cmd(profile: Path, run_name: str, stage: str, overrides: dict[str, Any]) -> list[str]:
     """The runner's command line for one stage (run.name goes through --run)."""
     sets = as_sets({k: v for k, v in overrides.items() if k != "run.name"})
-    return [sys.executable, "-m", "lib.pipeline", "--params", rel(profile), "--run", run_name, "--stages", stage,
-            *(arg for s in sets for arg in ("--set", s))]
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a file ({} when absent or unreadable)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return [
+        sys.executable,
+        "-m",
+        "lib.pipeline",
+        "--params",
+        rel(profile),
+        "--run",
+        run_name,
+        "--stages",
+        stage,
+        *(arg for s in sets for arg in ("--set", s)),
+    ]
 
 
 def s3_objects(bucket: str, prefix: str) -> dict[str, int]:
@@ -359,20 +383,23 @@ def s3_objects(bucket: str, prefix: str) -> dict[str, int]:
 
 def check_prepare(out: Path, device: str) -> dict:
     """Split sizes from data/summary.json; the CPU plan needs a validation split other than 15 images."""
-    summary = read_json(out / "data" / "summary.json")
+    summary = read_json(out / "data" / "summary.json", default={})
     sizes = summary.get("split_sizes") or {}
     if not sizes:
         raise RehearsalError("data/summary.json has no split sizes")
     if device == "cpu" and sizes.get("validation") == 15:
         raise RehearsalError("validation has exactly 15 images: choose another --images-per-class")
-    return {"split_sizes": sizes, "loaded": summary.get("loaded"),
-            "duplicates_dropped": summary.get("duplicates_dropped")}
+    return {
+        "split_sizes": sizes,
+        "loaded": summary.get("loaded"),
+        "duplicates_dropped": summary.get("duplicates_dropped"),
+    }
 
 
 def check_train(out: Path, epochs: int) -> dict:
     """Evaluations in the history (at least `epochs`), best checkpoint and validation accuracy, device, precision."""
     history = json.loads((out / "train_history.json").read_text())
-    summary = read_json(out / "train_summary.json")
+    summary = read_json(out / "train_summary.json", default={})
     evals = [h for h in history if "eval_accuracy" in h]
     found = {
         "optimizer_steps": max((int(h.get("step", 0)) for h in history), default=0),
@@ -390,30 +417,37 @@ def check_train(out: Path, epochs: int) -> dict:
 
 def check_evaluate(out: Path) -> dict:
     """Headline metrics of metrics.json."""
-    m = read_json(out / "metrics.json")
+    m = read_json(out / "metrics.json", default={})
     return {k: m.get(k) for k in ("accuracy", "f1_weighted", "n_test", "tta_flip")} | {
-        "temperature": (m.get("calibration") or {}).get("temperature")}
+        "temperature": (m.get("calibration") or {}).get("temperature")
+    }
 
 
 def check_export(out: Path) -> dict:
     """The serving choice and the variants' sizes and agreement."""
-    serving = read_json(out / "export" / "serving.json")
-    variants = (read_json(out / "metrics.json").get("export") or {}).get("variants") or {}
+    serving = read_json(out / "export" / "serving.json", default={})
+    variants = (read_json(out / "metrics.json", default={}).get("export") or {}).get("variants") or {}
     fields = ("size_mib", "agreement", "accuracy_drop", "latency_ms")
-    return {"serving_file": serving.get("file"), "serving_reason": serving.get("reason"),
-            "variants": {k: {f: v.get(f) for f in fields} for k, v in variants.items()}}
+    return {
+        "serving_file": serving.get("file"),
+        "serving_reason": serving.get("reason"),
+        "variants": {k: {f: v.get(f) for f in fields} for k, v in variants.items()},
+    }
 
 
 def check_gate_refused(out: Path, profile: Path, bucket: str, prefix: str) -> dict:
     """The gated publish refused for the right reason (every failure a gate condition the metrics miss) and
     uploaded nothing."""
-    from lib.registry import check_gate
+    from lib.registry.gate import check_gate
 
-    record = read_json(out / "publish.json")
-    expected = check_gate(read_json(out / "metrics.json"), load_params(profile).publish.gate.conditions)
+    record = read_json(out / "publish.json", default={})
+    expected = check_gate(read_json(out / "metrics.json", default={}), load_params(profile).publish.gate.conditions)
     uploaded = s3_objects(bucket, prefix)
-    found = {"published": record.get("published"), "failures": record.get("failures"),
-             "objects_in_registry": len(uploaded)}
+    found = {
+        "published": record.get("published"),
+        "failures": record.get("failures"),
+        "objects_in_registry": len(uploaded),
+    }
     if record.get("published") or not record.get("failures"):
         raise RehearsalError(f"the profile's gate did not refuse: {record}")
     if record["failures"] != expected:
@@ -425,14 +459,17 @@ def check_gate_refused(out: Path, profile: Path, bucket: str, prefix: str) -> di
 
 def check_published(out: Path, bucket: str, prefix: str, model_name: str) -> dict:
     """The version is in the moto S3 with model, ONNX fp32 and int8 files, and latest.json points at it."""
-    record = read_json(out / "publish.json")
+    record = read_json(out / "publish.json", default={})
     if not record.get("published"):
         raise RehearsalError(f"nothing published: {record.get('failures')}")
     version = record["version"]
     objects = s3_objects(bucket, f"{prefix}/{model_name}/{version}/")
     names = {k.rsplit(f"{version}/", 1)[1] for k in objects}
-    missing = [f for f in ("manifest.json", "model/model.safetensors", "export/model.onnx", "export/model.int8.onnx")
-               if f not in names]
+    missing = [
+        f
+        for f in ("manifest.json", "model/model.safetensors", "export/model.onnx", "export/model.int8.onnx")
+        if f not in names
+    ]
     if missing:
         raise RehearsalError(f"published version {version} lacks {', '.join(missing)} in s3://{bucket}/{prefix}")
     import boto3
@@ -441,8 +478,12 @@ def check_published(out: Path, bucket: str, prefix: str, model_name: str) -> dic
     latest = json.loads(body.read())
     if latest.get("version") != version:
         raise RehearsalError(f"latest.json names {latest.get('version')}, not {version}")
-    return {"version": version, "url": record.get("url"), "objects": len(objects),
-            "uploaded_mib": round(sum(objects.values()) / MIB, 1)}
+    return {
+        "version": version,
+        "url": record.get("url"),
+        "objects": len(objects),
+        "uploaded_mib": round(sum(objects.values()) / MIB, 1),
+    }
 
 
 def check_step(name: str, out: Path, profile: Path, device: str) -> dict:
@@ -462,14 +503,18 @@ def check_step(name: str, out: Path, profile: Path, device: str) -> dict:
     return {}
 
 
-def pipeline_step(step: str, profile: Path, run_name: str, stage: str, overrides: dict[str, Any],
-                  env: dict[str, str], logs: Path) -> tuple[dict, Path]:
+def pipeline_step(
+    step: str, profile: Path, run_name: str, stage: str, overrides: dict[str, Any], env: dict[str, str], logs: Path
+) -> tuple[dict, Path]:
     """Run one stage through the runner, measured; on success compare the resolved params with the profile."""
     out = Path(overrides["run.output_root"]) / run_name
     log = logs / (step.replace("/", "_") + ".log")
     print(f"==> {step}: stage {stage} of {rel(profile)}  (log: {rel(log)})", flush=True)
-    result = {"stage": step, **run_measured(pipeline_cmd(profile, run_name, stage, overrides), env, log),
-              "log": rel(log)}
+    result = {
+        "stage": step,
+        **run_measured(pipeline_cmd(profile, run_name, stage, overrides), env, log),
+        "log": rel(log),
+    }
     result["ok"] = result.pop("rc") == 0
     if result["ok"]:
         mismatches = profile_mismatches(profile, out / "params.yaml", overrides)
@@ -485,8 +530,17 @@ def skipped(stage: str, why: str) -> dict:
     return {"stage": stage, "ok": False, "seconds": 0.0, "peak_rss_mib": None, "skipped": why}
 
 
-def run_profile(profile: Path, prefix: str, steps: tuple[str, ...], ovr: dict[str, Any], device: str,
-                labels: dict[str, str], env: dict[str, str], work: Path, report: dict) -> Path:
+def run_profile(
+    profile: Path,
+    prefix: str,
+    steps: tuple[str, ...],
+    ovr: dict[str, Any],
+    device: str,
+    labels: dict[str, str],
+    env: dict[str, str],
+    work: Path,
+    report: dict,
+) -> Path:
     """Run a profile's steps in order (a failure skips the rest); record steps, overrides, coverage. Return its run
     folder."""
     key = prefix.rstrip("/") or "profile"
@@ -517,14 +571,20 @@ def run_profile(profile: Path, prefix: str, steps: tuple[str, ...], ovr: dict[st
             ovr = with_length(profile, device, step["split_sizes"]["train"], ovr)
             check_overrides(ovr)
         report["stages"].append(step)
-        print(f"<== {label}: {'ok' if step['ok'] else 'FAILED'} in {step['seconds']:.0f} s, "
-              f"peak RSS {step['peak_rss_mib']:,} MiB, PSS {step['peak_pss_mib']:,} MiB", flush=True)
+        print(
+            f"<== {label}: {'ok' if step['ok'] else 'FAILED'} in {step['seconds']:.0f} s, "
+            f"peak RSS {step['peak_rss_mib']:,} MiB, PSS {step['peak_pss_mib']:,} MiB",
+            flush=True,
+        )
         if not step["ok"]:
             print("\n".join(filter(None, [step.get("error"), step.get("traceback_tail")])), file=sys.stderr)
             failed = label
     used = sorted({k for o in per_step.values() for k in o})
-    report["overrides"][key] = {"profile": rel(profile), "steps": per_step,
-                                "why": {k: OVERRIDABLE[k] if k in OVERRIDABLE else GATE_OFF[k][1] for k in used}}
+    report["overrides"][key] = {
+        "profile": rel(profile),
+        "steps": per_step,
+        "why": {k: OVERRIDABLE[k] if k in OVERRIDABLE else GATE_OFF[k][1] for k in used},
+    }
     report["coverage"][key] = coverage(profile, per_step)
     return out
 
@@ -581,8 +641,10 @@ def browse(url: str, photo: Path, top_k: int, server_pid: int) -> dict:
                 raise RehearsalError("the upload gave an error card: " + errors.first.inner_text())
             card = page.locator(".har-results .har-result").first
             rows = card.locator(".har-pred")
-            top = [{"label": row.get_attribute("data-label"), "prob": float(row.get_attribute("data-prob") or "nan")}
-                   for row in rows.all()]
+            top = [
+                {"label": row.get_attribute("data-label"), "prob": float(row.get_attribute("data-prob") or "nan")}
+                for row in rows.all()
+            ]
             found = {
                 "page_seconds": round(shown, 1),
                 "result_seconds": round(time.perf_counter() - start, 1),
@@ -595,8 +657,11 @@ def browse(url: str, photo: Path, top_k: int, server_pid: int) -> dict:
             kernels, server = voila_rss(server_pid)  # the kernel holds the loaded model now, after one prediction
         finally:
             browser.close()
-    found.update(kernel_rss_mib=round(max(kernels) / MIB) if kernels else None, kernels=len(kernels),
-                 server_rss_mib=round(server / MIB))
+    found.update(
+        kernel_rss_mib=round(max(kernels) / MIB) if kernels else None,
+        kernels=len(kernels),
+        server_rss_mib=round(server / MIB),
+    )
     if len(top) != top_k:
         raise RehearsalError(f"the page shows {len(top)} labels, top_k is {top_k}")
     return found
@@ -608,8 +673,15 @@ def serve_and_browse(env: dict[str, str], photo: Path, top_k: int, log: Path) ->
     Returns the page's figures, ok/error, and the seconds and memory of the Voila tree (server and kernels).
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "voila", "notebooks/dashboard.ipynb", "--no-browser", "--Voila.ip=127.0.0.1",
-           f"--port={port}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "voila",
+        "notebooks/dashboard.ipynb",
+        "--no-browser",
+        "--Voila.ip=127.0.0.1",
+        f"--port={port}",
+    ]
     found: dict[str, Any] = {"log": rel(log)}
     start = time.perf_counter()
     with open(log, "w") as out:
@@ -633,7 +705,7 @@ def int8_copy(pulled: Path, dest: Path) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(pulled, dest, copy_function=os.link)
     serving = dest / "export" / "serving.json"
-    record = read_json(serving)
+    record = read_json(serving, default={})
     serving.unlink()  # a hard link to the cached file: replace it, never write through it
     record.update(file="model.int8.onnx", reason="rehearsal: int8 loaded to measure the kernel's memory")
     serving.write_text(json.dumps(record, indent=2))
@@ -650,32 +722,67 @@ def dashboard_step(run_dir: Path, registry: str, version: str, photo: Path, env:
     p = load_params(run_dir / "params.yaml").dashboard
     cache = work / "registry-cache"
     shutil.rmtree(cache, ignore_errors=True)
-    print(f"==> dashboard: voila, {p.model_name} {version} pulled from {registry}  "
-          f"(log: {rel(work / 'logs' / 'dashboard.log')})", flush=True)
+    print(
+        f"==> dashboard: voila, {p.model_name} {version} pulled from {registry}  "
+        f"(log: {rel(work / 'logs' / 'dashboard.log')})",
+        flush=True,
+    )
     if not CHROMIUM.exists():  # not a pipeline failure: the machine lacks the browser
-        return {"stage": "dashboard", "ok": None, "seconds": 0.0, "peak_rss_mib": None,
-                "skipped": f"{CHROMIUM} is missing"}
-    env = {**env, "HAR_PARAMS_FILE": str(run_dir / "params.yaml"), "HAR_MODEL_NAME": p.model_name,
-           "HAR_MAX_KERNELS": "2"}
-    result = {"stage": "dashboard", **serve_and_browse(
-        {**env, "HAR_REGISTRY": registry, "HAR_MODEL_VERSION": version, "HAR_REGISTRY_CACHE": str(cache)},
-        photo, p.top_k, work / "logs" / "dashboard.log")}
+        return {
+            "stage": "dashboard",
+            "ok": None,
+            "seconds": 0.0,
+            "peak_rss_mib": None,
+            "skipped": f"{CHROMIUM} is missing",
+        }
+    env = {
+        **env,
+        "HAR_PARAMS_FILE": str(run_dir / "params.yaml"),
+        "HAR_MODEL_NAME": p.model_name,
+        "HAR_MAX_KERNELS": "2",
+    }
+    result = {
+        "stage": "dashboard",
+        **serve_and_browse(
+            {**env, "HAR_REGISTRY": registry, "HAR_MODEL_VERSION": version, "HAR_REGISTRY_CACHE": str(cache)},
+            photo,
+            p.top_k,
+            work / "logs" / "dashboard.log",
+        ),
+    }
     result["peak_scope"] = "Voila server + its kernels (not the browser)"
     pulled = list(cache.glob(f"*/{p.model_name}/{version}"))
     if not pulled:
         result.update(ok=False, error=result.get("error") or f"nothing was pulled into {rel(cache)}")
     else:
-        result.update(pulled_into=rel(pulled[0]),
-                      served_file=read_json(pulled[0] / "export" / "serving.json").get("file"))
+        result.update(
+            pulled_into=rel(pulled[0]),
+            served_file=read_json(pulled[0] / "export" / "serving.json", default={}).get("file"),
+        )
         if result["ok"] and result["served_file"] != "model.int8.onnx":
             print("    the export serves fp32 for this model: the int8 kernel is measured on a copy", flush=True)
-            int8 = serve_and_browse({**env, "HAR_MODEL_DIR": str(int8_copy(pulled[0], work / "int8-version"))},
-                                    photo, p.top_k, work / "logs" / "dashboard_int8.log")
-            keep = ("ok", "error", "seconds", "kernel_rss_mib", "server_rss_mib", "peak_rss_mib", "peak_pss_mib",
-                    "predict_ms_shown", "top", "log")
+            int8 = serve_and_browse(
+                {**env, "HAR_MODEL_DIR": str(int8_copy(pulled[0], work / "int8-version"))},
+                photo,
+                p.top_k,
+                work / "logs" / "dashboard_int8.log",
+            )
+            keep = (
+                "ok",
+                "error",
+                "seconds",
+                "kernel_rss_mib",
+                "server_rss_mib",
+                "peak_rss_mib",
+                "peak_pss_mib",
+                "predict_ms_shown",
+                "top",
+                "log",
+            )
             result["int8"] = {k: int8[k] for k in keep if k in int8} | {
                 "why": "the export's agreement rule chose fp32 ONNX for this random-weight model (see export); "
-                       "this second page serves export/model.int8.onnx from a copy of the pulled version"}
+                "this second page serves export/model.int8.onnx from a copy of the pulled version"
+            }
             result["ok"] = result["ok"] and int8["ok"]
             result["seconds"] = round(result["seconds"] + int8["seconds"], 1)
         int8_figures = result.get("int8") or (result if result["served_file"] == "model.int8.onnx" else {})
@@ -694,7 +801,7 @@ def pick_photo(images: Path | None, per_class: int, work: Path) -> Path:
             return files[min(per_class, len(files) - 1)]
     import numpy as np
 
-    from lib.hub_cache import generated_jpeg
+    from lib.rehearsal.hub_cache import generated_jpeg
 
     path = work / "photo.jpg"
     path.write_bytes(generated_jpeg(10, np.random.default_rng(123)))
@@ -706,8 +813,14 @@ def pick_photo(images: Path | None, per_class: int, work: Path) -> Path:
 
 def hf_env(cache: Path) -> dict[str, str]:
     """Offline Hugging Face settings pointing both libraries at the rehearsal's caches."""
-    return {"HF_HUB_CACHE": str(cache / "hub"), "HF_DATASETS_CACHE": str(cache / "datasets"), "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+    return {
+        "HF_HUB_CACHE": str(cache / "hub"),
+        "HF_DATASETS_CACHE": str(cache / "datasets"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def detect_device(choice: str) -> tuple[str, str]:
@@ -717,7 +830,7 @@ def detect_device(choice: str) -> tuple[str, str]:
     cuda = torch.cuda.is_available()
     if choice == "cuda" or (choice == "auto" and cuda):
         return "cuda", torch.cuda.get_device_name(0) if cuda else "no CUDA here: dry run only"
-    from lib.bench import machine_info
+    from lib.bench.cpu import machine_info
 
     info = machine_info()
     return "cpu", f"{info['cpu']}, {info['usable_cores']} cores"
@@ -725,8 +838,11 @@ def detect_device(choice: str) -> tuple[str, str]:
 
 def base_overrides(profile: Path, device: str, output_root: Path, registry: str | None) -> dict[str, Any]:
     """The overrides every stage of a run gets (the run length is added once prepare has counted the split)."""
-    ovr: dict[str, Any] = {"run.name": "rehearsal-" + profile.stem, "run.output_root": str(output_root),
-                           **size_overrides(profile, device)}
+    ovr: dict[str, Any] = {
+        "run.name": "rehearsal-" + profile.stem,
+        "run.output_root": str(output_root),
+        **size_overrides(profile, device),
+    }
     if registry:
         ovr |= {"publish.registry": registry, "dashboard.registry": registry}
     return ovr
@@ -750,24 +866,34 @@ def print_table(stages: list[dict], total: float) -> None:
         for label, fig in (("", s), ("int8 ", s.get("int8") or {})):
             if fig.get("kernel_rss_mib"):
                 served = "" if label else f" ({s.get('served_file')})"
-                print(f"{'':<20}kernel RSS {fig['kernel_rss_mib']} MiB with the {label}model{served}, "
-                      f"Voila server {fig['server_rss_mib']} MiB")
+                print(
+                    f"{'':<20}kernel RSS {fig['kernel_rss_mib']} MiB with the {label}model{served}, "
+                    f"Voila server {fig['server_rss_mib']} MiB"
+                )
     print(f"{'total':<20}{total:>9.1f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    ap = argparse.ArgumentParser(prog="python -m lib.rehearsal", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m lib.rehearsal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--profile", type=Path, default=PROFILE, help="profile run through every stage")
     ap.add_argument("--reference", type=Path, default=REFERENCE, help="profile run through prepare, train, evaluate")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference profile")
     ap.add_argument("--images", type=Path, default=HAR_SAMPLE, help="real photos, <class>/*.jpg (else generated)")
-    ap.add_argument("--images-per-class", type=int,
-                    help=f"default {CPU_PER_CLASS} on the CPU, {GPU_PER_CLASS} on a GPU")
+    ap.add_argument(
+        "--images-per-class", type=int, help=f"default {CPU_PER_CLASS} on the CPU, {GPU_PER_CLASS} on a GPU"
+    )
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra override; run-length/size keys only, others are refused")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override; run-length/size keys only, others are refused",
+    )
     ap.add_argument("--out", type=Path, default=OUT_ROOT, help="work folder and <timestamp>.json go here")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (overrides, coverage, commands) and stop")
     return ap.parse_args(argv)
@@ -789,8 +915,10 @@ def dry_run(args: argparse.Namespace, device: str, per_class: int, extra: dict[s
             check_overrides(step_ovr, extra=tuple(GATE_OFF))
             load_params(profile, as_sets(step_ovr))  # every key and value validated, in a second
         cov = coverage(profile, per_step)
-        print(f"\n{rel(profile)}: splits {sizes}; {cov['at_profile_value']} keys at the profile value, "
-              f"{cov['overridden']} overridden:")
+        print(
+            f"\n{rel(profile)}: splits {sizes}; {cov['at_profile_value']} keys at the profile value, "
+            f"{cov['overridden']} overridden:"
+        )
         for row in cov["keys"] + cov["not_in_profile"]:
             if "override" in row:
                 steps_note = "" if len(row["steps"]) == len(per_step) else f"  (only {', '.join(row['steps'])})"
@@ -800,7 +928,7 @@ def dry_run(args: argparse.Namespace, device: str, per_class: int, extra: dict[s
             stage = step.removeprefix(prefix).replace("publish_gate", "publish")
             print(f"  {step}: {' '.join(pipeline_cmd(profile, ovr['run.name'], stage, step_ovr)[1:])}")
     if device == "cuda":
-        print(f"\ngpu_bench: python -m lib.gpu_bench --budget-s {GPU_BENCH_BUDGET_S}")
+        print(f"\ngpu_bench: python -m lib.bench.gpu --budget-s {GPU_BENCH_BUDGET_S}")
     return 0
 
 
@@ -813,7 +941,7 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
     import torch
     import transformers
 
-    from lib.bench import machine_info
+    from lib.bench.cpu import machine_info
 
     began = time.perf_counter()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -825,14 +953,27 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
     labels = {"cpu": f"cpu: {device_name}" if device == "cpu" else "cpu of the GPU machine"}
     labels["gpu"] = f"cuda: {device_name}" if device == "cuda" else labels["cpu"]
     report: dict[str, Any] = {
-        "timestamp": stamp, "ok": False, "device": {"kind": device, "name": device_name},
+        "timestamp": stamp,
+        "ok": False,
+        "device": {"kind": device, "name": device_name},
         "machine": machine_info(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "onnxruntime": onnxruntime.__version__, "datasets": datasets.__version__,
-                     "cuda": torch.version.cuda},
-        "images": {"source": "real photos" if images else "generated (lib/synthetic.py)",
-                   "folder": rel(images) if images else None, "per_class": per_class},
-        "work": rel(work), "split_sizes": {}, "overrides": {}, "coverage": {}, "stages": [],
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "datasets": datasets.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "images": {
+            "source": "real photos" if images else "generated (lib/demo/synthetic.py)",
+            "folder": rel(images) if images else None,
+            "per_class": per_class,
+        },
+        "work": rel(work),
+        "split_sizes": {},
+        "overrides": {},
+        "coverage": {},
+        "stages": [],
     }
     stages: list[dict] = report["stages"]
     cache = work / "cache"
@@ -840,8 +981,18 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
     server = None
     try:
         log = work / "logs" / "caches.log"
-        cmd = [sys.executable, "-m", "lib.hub_cache", str(cache / "hub"), str(cache / "datasets"), "--size", "base",
-               "--per-class", str(per_class), *(["--images", str(images)] if images else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lib.rehearsal.hub_cache",
+            str(cache / "hub"),
+            str(cache / "datasets"),
+            "--size",
+            "base",
+            "--per-class",
+            str(per_class),
+            *(["--images", str(images)] if images else []),
+        ]
         print(f"==> caches: two ViT-B/16 snapshots, {per_class} images per class  (log: {rel(log)})", flush=True)
         step = {"stage": "caches", **run_measured(cmd, env, log), "log": rel(log), "device": labels["cpu"]}
         step["ok"] = step.pop("rc") == 0
@@ -873,13 +1024,20 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
 
         if device == "cuda":
             log = work / "logs" / "gpu_bench.log"
-            cmd = [sys.executable, "-m", "lib.gpu_bench", "--out", str(work / "bench"), "--budget-s",
-                   str(GPU_BENCH_BUDGET_S)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "lib.bench.gpu",
+                "--out",
+                str(work / "bench"),
+                "--budget-s",
+                str(GPU_BENCH_BUDGET_S),
+            ]
             print(f"==> gpu_bench  (log: {rel(log)})", flush=True)
             step = {"stage": "gpu_bench", **run_measured(cmd, env, log), "log": rel(log), "device": labels["gpu"]}
             step["ok"] = step.pop("rc") == 0
             found = sorted((work / "bench").glob("gpu-*.json"))
-            report["gpu_bench"] = read_json(found[-1]) if found else None
+            report["gpu_bench"] = read_json(found[-1], default={}) if found else None
             stages.append(step)
     except RehearsalError as exc:
         report["error"] = str(exc)
@@ -902,6 +1060,7 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
 def main(argv: list[str] | None = None) -> int:
     """Run the rehearsal (or print its plan); 0 only when every step passed."""
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         extra = dict(parse_override(s) for s in args.overrides)
         check_overrides(extra)  # refused before anything heavy starts

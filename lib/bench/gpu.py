@@ -1,7 +1,7 @@
 """GPU benchmark for a lent accelerator machine: training and evaluation images/s of ViT-B/16.
 
-python -m lib.gpu_bench [--out outputs/bench] [--batch 128] [--budget-s 420]
-python -m lib.gpu_bench --dry-run          # tiny settings, runs on the CPU, for tests
+python -m lib.bench.gpu [--out outputs/bench] [--batch 128] [--budget-s 420]
+python -m lib.bench.gpu --dry-run          # tiny settings, runs on the CPU, for tests
 
 Training (random init, synthetic tensors, AdamW): bf16 autocast + SDPA attention vs plain fp32 eager (TF32 off).
 Evaluation: ours (batched, bf16 autocast, SDPA, inference_mode; model-only and end to end through
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -28,7 +29,9 @@ from lib.params import ROOT
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    ap = argparse.ArgumentParser(prog="python -m lib.gpu_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m lib.bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench", help="where gpu-<timestamp>.json goes")
     ap.add_argument("--dry-run", action="store_true", help="tiny model and sizes; allowed on the CPU (for tests)")
     ap.add_argument("--batch", type=int, help="training batch (default 128, dry run 4)")
@@ -81,8 +84,10 @@ def train_speed(dry_run: bool, device: str, mode: str, batch: int, steps: int, w
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    def step() -> float:
-        with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
+    def step(model: Any, opt: Any) -> float:  # both passed in: the caller deletes them to free the GPU
+        with torch.autocast(
+            device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=use_bf16
+        ):
             loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y)
         loss.backward()
         opt.step()
@@ -90,18 +95,25 @@ def train_speed(dry_run: bool, device: str, mode: str, batch: int, steps: int, w
         return float(loss.detach())
 
     for _ in range(warmup):
-        step()
+        step(model, opt)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(model, opt)
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     del model, opt
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"mode": mode, "batch": batch, "steps": steps, "seconds": seconds, "images_per_s": batch * steps / seconds, "peak_gib": peak}
+    return {
+        "mode": mode,
+        "batch": batch,
+        "steps": steps,
+        "seconds": seconds,
+        "images_per_s": batch * steps / seconds,
+        "peak_gib": peak,
+    }
 
 
 def synthetic_dataset(n: int, seed: int = 0) -> Any:
@@ -109,7 +121,7 @@ def synthetic_dataset(n: int, seed: int = 0) -> Any:
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
 
-    from lib.bench import HAR_LABELS, synthetic_image
+    from lib.bench.cpu import HAR_LABELS, synthetic_image
 
     rng = np.random.default_rng(seed)
     images = [synthetic_image(rng) for _ in range(n)]
@@ -131,7 +143,10 @@ def eval_speed(dry_run: bool, device: str, n_images: int, n_loop: int, batch: in
     on_gpu = device.startswith("cuda")
     # model only: pre-made tensors, batched, bf16 autocast
     x = torch.randn(batch, 3, size, size, device=device)
-    with torch.inference_mode(), torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=on_gpu):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=on_gpu),
+    ):
         for _ in range(2):
             model(pixel_values=x)
         sync(device)
@@ -143,7 +158,9 @@ def eval_speed(dry_run: bool, device: str, n_images: int, n_loop: int, batch: in
         model_only = batch * reps / (time.perf_counter() - start)
     ds = synthetic_dataset(max(n_images, n_loop))
     workers = 0 if dry_run else min(8, os.cpu_count() or 1)
-    dataset_logits(model, ds.select(range(min(len(ds), batch))), spec, batch_size=batch, num_workers=workers, device=device)
+    dataset_logits(
+        model, ds.select(range(min(len(ds), batch))), spec, batch_size=batch, num_workers=workers, device=device
+    )
     start = time.perf_counter()
     dataset_logits(model, ds.select(range(n_images)), spec, batch_size=batch, num_workers=workers, device=device)
     sync(device)
@@ -214,7 +231,9 @@ def run(args: argparse.Namespace) -> dict:
             result["train"][mode] = train_speed(dry, device, mode, batch // 2, steps)
         print(f"train {mode}: {result['train'][mode]['images_per_s']:.1f} images/s", flush=True)
     if len(result["train"]) == 2:
-        result["train_speedup_bf16_sdpa"] = result["train"]["bf16_sdpa"]["images_per_s"] / result["train"]["fp32_eager"]["images_per_s"]
+        result["train_speedup_bf16_sdpa"] = (
+            result["train"]["bf16_sdpa"]["images_per_s"] / result["train"]["fp32_eager"]["images_per_s"]
+        )
     if time.perf_counter() - begin > args.budget_s:
         result["skipped"].append("eval")
     else:
@@ -229,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available() and not args.dry_run:
-        print("error: CUDA is not available; refusing to report CPU numbers as GPU numbers (use --dry-run to test the script)", file=sys.stderr)
+        print(
+            "error: CUDA is not available; refusing to report CPU numbers as GPU numbers "
+            "(use --dry-run to test the script)",
+            file=sys.stderr,
+        )
         return 2
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -239,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if "train_speedup_bf16_sdpa" in result:
         print(f"training speed-up bf16+SDPA vs fp32 eager: {result['train_speedup_bf16_sdpa']:.2f}x")
     if "eval" in result:
-        print(f"evaluation speed-up, dataset_logits bf16 vs per-image fp32 loop: {result['eval']['ratio_dataset_logits_vs_loop']:.2f}x")
+        print(
+            "evaluation speed-up, dataset_logits bf16 vs per-image fp32 loop: "
+            f"{result['eval']['ratio_dataset_logits_vs_loop']:.2f}x"
+        )
     print(f"written {path}")
     return 0
 

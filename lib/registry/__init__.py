@@ -1,0 +1,9 @@
+"""Model registry (operations): gated, atomic, verified publish and pull of run folders, on S3 or a local folder.
+
+storage.py   where versions live: layout names, local-folder and S3 backends
+gate.py      the quality gate on metrics.json keys
+card.py      the model card written next to each version
+publish.py   publish a run folder as a new immutable version (imported by the publish stage)
+pull.py      list, show and pull verified versions into the local cache (imported by the dashboard)
+__main__.py  the CLI: python -m lib.registry list|show|pull
+"""

@@ -1,0 +1,160 @@
+"""The model card (README.md of a version): data, recipe, metrics, per-class table, confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lib.params import flatten
+from lib.registry.storage import MANIFEST
+
+
+def metrics_summary(metrics: dict) -> dict[str, float | int]:
+    """Top-level numeric metrics (no per-class detail)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _flat_scalars(tree: dict) -> dict[str, Any]:
+    """The scalar leaves of a nested metrics dict under dotted keys."""
+    return {k: v for k, v in flatten(tree).items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def _fmt(value: Any, fixed: bool) -> str:
+    """Table cell: metrics with 4 decimals (fixed), settings in their shortest form."""
+    if isinstance(value, float):
+        return f"{value:.4f}" if fixed and abs(value) < 1e4 else f"{value:.6g}"
+    return str(value).replace("|", "\\|")
+
+
+def _table(rows: Iterable[tuple[Any, ...]], header: tuple[str, ...], fixed: bool = False) -> list[str]:
+    """Markdown table lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c, fixed) for c in row) + " |" for row in rows]
+    return lines
+
+
+def model_card(
+    model_name: str,
+    version: str,
+    created: str,
+    metrics: dict,
+    params: dict,
+    data_summary: dict | None,
+    files: list[str],
+) -> str:
+    """Markdown model card: data, recipe, metrics, per-class table, confusion matrix."""
+    run, data = params.get("run", {}) or {}, params.get("data", {}) or {}
+    model, train = params.get("model", {}) or {}, params.get("train", {}) or {}
+    per_class = metrics.get("per_class") or {}
+    lines = [
+        f"# {model_name} — version {version}",
+        "",
+        f"Vision Transformer image classifier of {len(per_class) or 'the'} human actions. "
+        f"Published {created} from run `{run.get('name', '?')}`. Every file with its size and SHA-256 is "
+        f"listed in `{MANIFEST}`.",
+        "",
+        "## Data",
+        "",
+    ]
+    info = data_summary or (metrics.get("data") if isinstance(metrics.get("data"), dict) else {}) or {}
+    source = info.get("source") or data.get("source", "?")
+    if source == "hub":
+        source = f"hub:{data.get('hub_id')}[{data.get('hub_split')}]"
+    elif source == "imagefolder":
+        source = f"imagefolder:{Path(str(data.get('path') or '')).name}"
+    rows: list[tuple[Any, ...]] = [("source", source)]
+    for key in ("loaded", "duplicates_dropped"):
+        if key in info:
+            rows.append((key.replace("_", " "), info[key]))
+    dup = info.get("duplicates") if isinstance(info.get("duplicates"), dict) else {}
+    for key in (
+        "exact_groups",
+        "near_duplicate_distance",
+        "near_groups",
+        "near_group_images",
+        "exact_mixed_label_groups",
+        "near_mixed_label_groups",
+    ):
+        if key in dup:  # near-duplicate groups are kept, each whole on one side of the split
+            rows.append((key.replace("_", " "), "off" if dup[key] is None else dup[key]))
+    sizes = info.get("split_sizes") or {}
+    rows += [(f"{name} images", n) for name, n in sizes.items()]
+    if not sizes and "n_test" in metrics:
+        rows.append(("test images", metrics["n_test"]))
+    for key in ("dedup", "max_per_class", "val_fraction", "test_fraction", "seed"):
+        if key in data:
+            rows.append((f"data.{key}", data[key]))
+    lines += _table(rows, ("item", "value"))
+
+    lines += ["", "## Recipe", ""]
+    rows = [("model.source", model.get("source", "?"))]
+    if model.get("source") in ("hub", "local"):
+        rows.append(("model.name_or_path", model.get("name_or_path")))
+    else:
+        for key, value in (model.get("config") or {}).items():
+            rows.append((f"model.config.{key}", value))
+    for key in ("freeze_layers",):
+        if key in model:
+            rows.append((f"model.{key}", model[key]))
+    for key in (
+        "epochs",
+        "batch_size",
+        "grad_accum",
+        "learning_rate",
+        "lr_scheduler",
+        "warmup_ratio",
+        "weight_decay",
+        "label_smoothing",
+        "layer_decay",
+        "mixup_alpha",
+        "cutmix_alpha",
+        "precision",
+        "num_gpus",
+    ):
+        if key in train:
+            rows.append((f"train.{key}", train[key]))
+    if "seed" in run:
+        rows.append(("run.seed", run["seed"]))
+    trained = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
+    for key, value in _flat_scalars(trained).items():
+        if key not in ("best_checkpoint", "resumed_from"):  # local paths, meaningless elsewhere
+            rows.append((f"trained: {key}", value))
+    lines += _table(rows, ("setting", "value"))
+
+    lines += ["", "## Metrics (test split)", ""]
+    served = metrics.get("served") if isinstance(metrics.get("served"), dict) else {}
+    if served:
+        lines += [
+            f"What is served: `{served.get('file')}` ({served.get('backend')}, {served.get('variant')}, one view, "
+            f"temperature {_fmt(served.get('temperature'), True)} fitted on its own validation logits): accuracy "
+            f"{_fmt(served.get('accuracy'), True)}, expected calibration error {_fmt(served.get('ece'), True)}. "
+            "The table below is the trained PyTorch model as evaluated (with flip averaging when `tta_flip` is on).",
+            "",
+        ]
+    lines += _table(metrics_summary(metrics).items(), ("metric", "value"), fixed=True)
+    if per_class:
+        lines += ["", "## Per class", ""]
+        lines += _table(
+            (
+                (name, *(c.get(k, "") for k in ("precision", "recall", "f1", "support")))
+                for name, c in per_class.items()
+                if isinstance(c, dict)
+            ),
+            ("class", "precision", "recall", "f1", "support"),
+            fixed=True,
+        )
+    for section in ("served", "calibration", "export"):
+        if isinstance(metrics.get(section), dict) and metrics[section]:
+            lines += ["", f"## {section.capitalize()}", ""]
+            lines += _table(_flat_scalars(metrics[section]).items(), ("item", "value"), fixed=True)
+    exported = [f for f in files if f.startswith("export/")]
+    if exported:
+        lines += ["", "Exported files: " + ", ".join(f"`{f}`" for f in exported)]
+    pngs = [f for f in files if "/" not in f and f.endswith(".png")]
+    if "confusion_matrix.png" in pngs:
+        lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)"]
+    for png in pngs:
+        if png != "confusion_matrix.png":
+            lines += ["", f"![{png[:-4].replace('_', ' ')}]({png})"]
+    return "\n".join(lines) + "\n"
