@@ -24,6 +24,7 @@ REQUIRED = (
 )
 
 
+@pytest.mark.integration
 def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--quick: tiny model, generated images, every required key with a positive value, a printed table."""
     out = tmp_path / "bench"
@@ -55,6 +56,7 @@ def test_gpu_bench_refuses_without_cuda(
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.integration
 def test_gpu_bench_dry_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """--dry-run runs the whole script on the CPU with tiny settings and labels its numbers as not GPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

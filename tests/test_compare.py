@@ -183,6 +183,7 @@ def errors(nb: nbformat.NotebookNode) -> list:
     return [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
 
 
+@pytest.mark.integration
 def test_notebook_compares_runs(tmp_path: Path, runs_root: Path):
     nb = execute(tmp_path, runs_root, "demo-*")
     assert errors(nb) == []
@@ -194,6 +195,7 @@ def test_notebook_compares_runs(tmp_path: Path, runs_root: Path):
     assert len(images) == 3  # metrics, per-class heatmap, training curves
 
 
+@pytest.mark.integration
 def test_notebook_with_no_runs(tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -196,6 +196,7 @@ def test_torchrun_output_is_split_at_newlines_only():
     assert list(T.stream([sys.executable, "-c", code])) == ["bar 10%\rbar 100%\n", "next\n"]
 
 
+@pytest.mark.integration
 def test_runner_streams_training_progress_while_the_stage_runs(tmp_path):
     settings = [
         f"run.output_root={tmp_path / 'outputs'}",
@@ -297,6 +298,7 @@ def test_make_registers_the_kernel_and_serves_tensorboard_on_loopback(tmp_path):
     assert "--logdir outputs" in board and "--host 127.0.0.1" in board and "--bind_all" not in board
 
 
+@pytest.mark.integration
 def test_make_lab_opens_at_the_root_and_starts_kernels_in_notebooks():
     lab = make_dry_run("lab").strip().splitlines()[-1].split()
     assert lab[1:3] == ["lab", "--notebook-dir=."], lab
