@@ -105,6 +105,8 @@ install_python() {
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install --quiet $HAR_PIP_ARGS -e "$HAR_APP_DIR"
+  # The dashboard notebook names the project kernel; without it Voila warns and falls back on every page load.
+  "$VENV/bin/python" -m ipykernel install --sys-prefix --name har-vit --display-name "HAR-ViT (.venv)" >/dev/null
 }
 
 prepare_state() {

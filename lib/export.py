@@ -4,6 +4,9 @@ checked against PyTorch on the test split, and the serving model chosen by a sta
 Two fp32 files are kept: model.standard.onnx, the exporter's output with standard ONNX ops only (any runtime that
 implements the opset), and model.onnx, fused with ONNX Runtime's contrib ops (Attention, SkipLayerNormalization,
 BiasGelu: ONNX Runtime only), which is what is served.
+
+The stage's steps are public functions: export_model, check_exports (with require_fp32_agreement), choose_variant,
+served_calibration, write_results. run_export calls them in order; 03b_export.ipynb calls them one cell each.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from lib.labels import config_labels
 from lib.metrics import update_metrics
-from lib.params import Params
+from lib.params import ExportParams, Params
 from lib.predict import (
     EXPORT_DIR,
     SERVING_FILE,
@@ -209,11 +212,13 @@ def dataset_images(ds: Any, start: int, stop: int) -> list[Any]:
     return list(ds[start:stop]["image"])
 
 
-def predictor_logits(predictor: Predictor, ds: Any, batch_size: int = 32) -> np.ndarray:
-    """Logits (N, C) of a dataset split through a Predictor (batched; same eval_transform as evaluation)."""
-    parts = [
-        predictor.logits(dataset_images(ds, i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)
-    ]
+def predictor_logits(predictor: Predictor, ds: Any, batch_size: int = 32, progress: str | None = None) -> np.ndarray:
+    """Logits (N, C) of a dataset split through a Predictor (batched; same eval_transform as evaluation); progress
+    names a progress bar over the batches."""
+    from tqdm.auto import tqdm
+
+    starts = tqdm(range(0, len(ds), batch_size), desc=progress, unit="batch", disable=progress is None)
+    parts = [predictor.logits(dataset_images(ds, i, min(i + batch_size, len(ds)))) for i in starts]
     return np.concatenate(parts) if parts else np.zeros((0, len(predictor.labels)), np.float32)
 
 
@@ -326,7 +331,7 @@ def check_exports(
     model = load_model(model_dir)
     y = np.asarray(ds["label"]) if len(ds) else np.zeros(0, int)
     ref = (
-        dataset_logits(model, ds, spec, batch_size=batch_size, device="cpu", precision="fp32")
+        dataset_logits(model, ds, spec, batch_size=batch_size, device="cpu", precision="fp32", progress="pytorch")
         if len(ds)
         else np.zeros((0, len(labels)))
     )
@@ -351,7 +356,7 @@ def check_exports(
         if not path.is_file():
             continue
         pred = Predictor(onnx_runner(onnx_session(path, threads)), labels, spec, temperature, "onnx", str(path))
-        logits = predictor_logits(pred, ds, batch_size)
+        logits = predictor_logits(pred, ds, batch_size, progress=name)
         kept[variant] = logits
         acc = accuracy(logits, y)
         rows[variant] = {
@@ -376,7 +381,7 @@ def served_calibration(model_dir: Path, path: Path, val: Any, test: Any, test_lo
         pred = Predictor(
             onnx_runner(onnx_session(path)), config_labels(model_dir), load_spec(model_dir), 1.0, "onnx", str(path)
         )
-        val_logits = predictor_logits(pred, val, p.evaluate.batch_size)
+        val_logits = predictor_logits(pred, val, p.evaluate.batch_size, progress="validation")
     return describe(val_logits, np.asarray(val["label"]), test_logits, np.asarray(test["label"]), fit=fit)
 
 
@@ -388,41 +393,44 @@ def calibration_pixels(ds: Any, spec: ImageSpec, n: int = 64) -> np.ndarray:
     return eval_batch([ds[int(i)]["image"] for i in idx], spec)
 
 
-def run_export(p: Params, out: Path) -> dict:
-    """The export stage: export, quantize, check on the test split, choose the serving model, write metrics and
-    serving.json."""
-    from lib.data import load_splits
+def require_fp32_agreement(check: dict, min_agreement: float) -> None:
+    """Raise RuntimeError when an fp32 file (standard or fused) disagrees with PyTorch on the checked split.
 
-    out = Path(out)
-    model_dir, export_dir = out / "model", out / EXPORT_DIR
-    ep = p.export
-    dd = load_splits(out / "data")
-    calibration = calibration_pixels(dd["validation"], load_spec(model_dir)) if ep.quantize == "static" else None
-    info = export_model(model_dir, export_dir, ep.opset, ep.quantize, calibration)
-    check, test_logits = check_exports(model_dir, export_dir, dd["test"], batch_size=p.evaluate.batch_size)
+    Both files are published and neither is quantized, so anything beyond float noise is an export bug.
+    """
     rows = check["variants"]
-    for fp in ("standard", "fp32"):  # both are published; neither may differ from PyTorch beyond float noise
-        if len(dd["test"]) and rows[fp]["agreement"] < ep.min_agreement:
+    for fp in ("standard", "fp32"):
+        if check["test_images"] and rows[fp]["agreement"] < min_agreement:
             raise RuntimeError(
                 f"the {fp} ONNX export ({rows[fp]['file']}) disagrees with PyTorch (top-1 agreement "
                 f"{rows[fp]['agreement']:.4f}): not publishing it"
             )
-    int8 = rows.get("int8")
+
+
+def choose_variant(check: dict, ep: ExportParams) -> tuple[str, str, str]:
+    """(file, variant, reason): the serving rule (choose_serving) applied to the checked int8 figures."""
+    int8 = check["variants"].get("int8")
     file, reason = choose_serving(
         int8["agreement"] if int8 else None,
         int8["accuracy_drop"] if int8 else None,
         ep.min_agreement,
         ep.max_accuracy_drop,
     )
+    return file, "int8" if file == INT8_FILE else "fp32", reason
+
+
+def write_results(out: Path, info: dict, check: dict, file: str, reason: str, served: dict, ep: ExportParams) -> dict:
+    """Write export/serving.json (what the predictor loads) and metrics.json["export"] and ["served"]; return the
+    export result (export info, checks, serving)."""
+    out = Path(out)
     variant = "int8" if file == INT8_FILE else "fp32"
-    chosen = rows[variant]
-    served = served_calibration(model_dir, export_dir / file, dd["validation"], dd["test"], test_logits[variant], p)
+    chosen, torch_row = check["variants"][variant], check["variants"]["torch"]
     serving = {
         "file": file,
         "reason": reason,
         "agreement": chosen["agreement"],
         "accuracy": chosen["accuracy"],
-        "accuracy_torch": rows["torch"]["accuracy"],
+        "accuracy_torch": torch_row["accuracy"],
         "accuracy_drop": chosen["accuracy_drop"],
         "test_images": check["test_images"],
         "min_agreement": ep.min_agreement,
@@ -440,15 +448,38 @@ def run_export(p: Params, out: Path) -> dict:
         out / "metrics.json",
         {"export": result, "served": {"backend": "onnx", "variant": variant, "file": f"{EXPORT_DIR}/{file}", **served}},
     )
-    (export_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2))
+    # Last: serving.json marks the stage's outputs as complete (a crash before it leaves no servable export).
+    (out / EXPORT_DIR / SERVING_FILE).write_text(json.dumps(serving, indent=2))
     return result
 
 
+def run_export(p: Params, out: Path) -> dict:
+    """The export stage in one call, the steps 03b_export.ipynb shows one by one: export, fuse and quantize; check
+    every file against PyTorch on the test split; choose the serving file; calibrate it; write serving.json and
+    metrics."""
+    from lib.data import load_splits
+
+    out = Path(out)
+    model_dir, export_dir = out / "model", out / EXPORT_DIR
+    ep = p.export
+    splits = load_splits(out / "data")
+    calibration = calibration_pixels(splits["validation"], load_spec(model_dir)) if ep.quantize == "static" else None
+    info = export_model(model_dir, export_dir, ep.opset, ep.quantize, calibration)
+    check, logits = check_exports(model_dir, export_dir, splits["test"], batch_size=p.evaluate.batch_size)
+    require_fp32_agreement(check, ep.min_agreement)
+    file, variant, reason = choose_variant(check, ep)
+    served = served_calibration(model_dir, export_dir / file, splits["validation"], splits["test"], logits[variant], p)
+    return write_results(out, info, check, file, reason, served, ep)
+
+
 def export_table(result: dict) -> Any:
-    """The variants of an export result as a pandas DataFrame (size, agreement, accuracy, latency)."""
+    """The variants of a check or export result as a pandas DataFrame (size, agreement, accuracy, latency), with a
+    serving column once the result holds the choice."""
     import pandas as pd
 
     table = pd.DataFrame(result["variants"]).T
-    table["serving"] = table["file"] == result["serving"]["file"]
-    cols = ["file", "size_mib", "agreement", "accuracy", "accuracy_drop", "latency_ms", "serving"]
+    cols = ["file", "size_mib", "agreement", "accuracy", "accuracy_drop", "latency_ms"]
+    if "serving" in result:
+        table["serving"] = table["file"] == result["serving"]["file"]
+        cols.append("serving")
     return table[cols]

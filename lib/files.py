@@ -47,6 +47,13 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
+def byte_bar(total: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar counting bytes (a widget in a notebook, text in a terminal); .update(n) with each chunk."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=True)
+
+
 def sha256_file(path: str | Path, chunk: int = MIB) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import textwrap
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,28 +20,61 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
+    """A params section: unknown keys are errors, and assignments are validated too."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RunParams(Section):
-    name: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$")
-    output_root: str = "outputs"
-    seed: int = 42
+    """run: the run's name, where its folder goes, its seed."""
+
+    name: str = Field(
+        "demo",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Name of the run folder (<output_root>/<name>) and of the run in trackers.",
+    )
+    output_root: str = Field("outputs", description="Folder holding the run folders; relative to the repository root.")
+    seed: int = Field(42, description="Seed of training (initial weights, shuffling, augmentation) and of samples.png.")
 
 
 class EmbeddedData(Section):
-    images_per_class: int = Field(120, ge=4)
-    seed: int = 0
+    """data.embedded: the built-in stick-figure generator."""
+
+    images_per_class: int = Field(
+        120, ge=4, description="Images generated per class, about 1 % of them planted exact copies that dedup drops."
+    )
+    seed: int = Field(0, description="Generator seed: the same seed draws byte-identical images.")
 
 
 class DataParams(Section):
-    source: Literal["embedded", "hub", "imagefolder"] = "embedded"
-    hub_id: str = "Bingsu/Human_Action_Recognition"
-    hub_split: str = "train"
-    path: str | None = None
-    embedded: EmbeddedData = EmbeddedData()
-    max_per_class: int | None = Field(None, ge=3)
-    dedup: bool = True
+    """data: where the images come from, de-duplication and the train / validation / test split."""
+
+    source: Literal["embedded", "hub", "imagefolder"] = Field(
+        "embedded",
+        description=(
+            "embedded: the built-in generator (offline demo); hub: a Hugging Face dataset (hub_id); imagefolder: a "
+            "local folder with one subfolder per class (path)."
+        ),
+    )
+    hub_id: str = Field("Bingsu/Human_Action_Recognition", description="Hugging Face dataset id, for source hub.")
+    hub_split: str = Field(
+        "train",
+        description="Split of the Hub dataset to load; validation and test are carved out of it (HAR's test split "
+        "has no labels).",
+    )
+    path: str | None = Field(
+        None,
+        description="Image folder for source imagefolder, one subfolder per class; relative to the repository root.",
+    )
+    embedded: EmbeddedData = Field(EmbeddedData(), description="The built-in generator, for source embedded.")
+    max_per_class: int | None = Field(
+        None,
+        ge=3,
+        description="Keep at most this many random images per class, after dedup (quick runs); null keeps all.",
+    )
+    dedup: bool = Field(
+        True, description="Drop byte-identical files (same SHA-256) before splitting, keeping the first."
+    )
     near_duplicate_distance: int | None = Field(
         4,
         ge=0,
@@ -55,9 +90,13 @@ class DataParams(Section):
             "hashes; None turns near-duplicate grouping off (byte-identical copies are still handled by dedup)."
         ),
     )
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    test_fraction: float = Field(0.1, gt=0, lt=1)
-    seed: int = 42
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the images held out for validation: best epoch, temperature scaling."
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share held out for the test split, on which every reported metric is measured."
+    )
+    seed: int = Field(42, description="Seed of the per-class cap and of the split.")
 
     @model_validator(mode="after")
     def _check(self) -> DataParams:
@@ -75,12 +114,20 @@ class DataParams(Section):
 
 
 class VitConfig(Section):
-    image_size: int = Field(64, ge=16)
-    patch_size: int = Field(8, ge=2)
-    hidden_size: int = Field(192, ge=8)
-    num_hidden_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(3, ge=1)
-    intermediate_size: int = Field(384, ge=8)
+    """model.config: the ViT built from scratch (model.source config)."""
+
+    image_size: int = Field(64, ge=16, description="Input side in pixels; 64 keeps the demo fast on a CPU.")
+    patch_size: int = Field(
+        8,
+        ge=2,
+        description="Patch side in pixels; image_size is a multiple, giving (image_size / patch_size)^2 tokens.",
+    )
+    hidden_size: int = Field(
+        192, ge=8, description="Token width, a multiple of num_attention_heads (192 and 3 heads: ViT-Tiny's width)."
+    )
+    num_hidden_layers: int = Field(4, ge=1, description="Encoder layers (transformer blocks).")
+    num_attention_heads: int = Field(3, ge=1, description="Attention heads per layer.")
+    intermediate_size: int = Field(384, ge=8, description="Hidden width of each block's MLP.")
 
     @model_validator(mode="after")
     def _check(self) -> VitConfig:
@@ -92,12 +139,34 @@ class VitConfig(Section):
 
 
 class ModelParams(Section):
-    source: Literal["hub", "local", "config"] = "config"
-    name_or_path: str = "google/vit-base-patch16-224"
-    config: VitConfig = VitConfig()
-    freeze_layers: int = Field(0, ge=0)
-    crop_pct: float = Field(0.875, gt=0.3, le=1.0)
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """model: the backbone, how it is built, frozen layers, the evaluation crop."""
+
+    source: Literal["hub", "local", "config"] = Field(
+        "config",
+        description="hub: download name_or_path from the Hugging Face Hub; local: load that folder; config: build the "
+        "ViT in config from scratch (offline demo).",
+    )
+    name_or_path: str = Field(
+        "google/vit-base-patch16-224",
+        description="Any AutoModelForImageClassification Hub id or local folder; its head is replaced by one for the "
+        "15 actions.",
+    )
+    config: VitConfig = Field(VitConfig(), description="Size of the ViT built from scratch, for source config.")
+    freeze_layers: int = Field(
+        0, ge=0, description="Freeze the patch embeddings and the first N encoder layers; 0 trains everything."
+    )
+    crop_pct: float = Field(
+        0.875,
+        gt=0.3,
+        le=1.0,
+        description="Evaluation: resize the shorter side to size / crop_pct, center-crop size (0.875: 224 of 256, "
+        "ViT's ImageNet recipe).",
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel for training and PyTorch inference: sdpa (fused) or eager; the ONNX export "
+        "always uses eager.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelParams:
@@ -111,39 +180,94 @@ class ModelParams(Section):
 
 
 class AugmentParams(Section):
-    scale_min: float = Field(0.6, gt=0, le=1)
-    hflip: bool = True
-    rotation_deg: float = Field(10.0, ge=0, le=45)
-    color_jitter: float = Field(0.2, ge=0, le=1)
+    """train.augment: random augmentation of training images only."""
+
+    scale_min: float = Field(
+        0.6, gt=0, le=1, description="Random resized crop: keep between this share and all of the image's area."
+    )
+    hflip: bool = Field(True, description="Mirror half the images left-right (no action here depends on handedness).")
+    rotation_deg: float = Field(10.0, ge=0, le=45, description="Rotate by a random angle within ± this many degrees.")
+    color_jitter: float = Field(
+        0.2, ge=0, le=1, description="Scale brightness, contrast and saturation by random factors within 1 ± this."
+    )
 
 
 Reporter = Literal["none", "tensorboard", "wandb", "mlflow"]  # trackers train.report_to accepts
 
 
 class TrainParams(Section):
-    epochs: float = Field(8, gt=0)
+    """train: the fine-tuning recipe run by the Hugging Face Trainer."""
+
+    epochs: float = Field(8, gt=0, description="Passes over the training split; a fraction stops inside the last one.")
     max_steps: int | None = Field(
-        None, ge=1, description="stop after this many optimizer steps, whatever epochs says (rehearsals, smoke runs)"
+        None, ge=1, description="Stop after this many optimizer steps, whatever epochs says (rehearsals, smoke runs)."
     )
-    batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-3, gt=0, lt=1)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    layer_decay: float | None = Field(None, gt=0, le=1)
-    mixup_alpha: float = Field(0.0, ge=0)
-    cutmix_alpha: float = Field(0.0, ge=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    augment: AugmentParams = AugmentParams()
-    num_workers: int = Field(0, ge=0)
-    resume: bool = False
-    save_total_limit: int = Field(2, ge=1)
-    num_gpus: int = Field(1, ge=1)
-    nodes: int = Field(1, ge=1)
-    ddp_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    torch_threads: int | None = Field(None, ge=1)
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Training images per process and micro-batch; the global batch is this x grad_accum x processes.",
+    )
+    grad_accum: int = Field(1, ge=1, description="Micro-batches whose gradients are summed into one optimizer step.")
+    learning_rate: float = Field(
+        1e-3,
+        gt=0,
+        lt=1,
+        description="Peak AdamW learning rate, reached after warmup (1e-3 suits a small ViT from scratch; fine-tuning "
+        "a pretrained one wants about 1e-4).",
+    )
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay; biases and norm weights get none.")
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Share of all optimizer steps over which the learning rate rises from 0."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
+    label_smoothing: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Probability mass of each target spread evenly over all classes; curbs overconfident fits.",
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise decay: the encoder layer d below the top learns at lr x layer_decay^d, so "
+        "pretrained lower layers move less; null: one rate.",
+    )
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="Mixup of training batches, weight drawn from Beta(alpha, alpha); 0 turns it off."
+    )
+    cutmix_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="CutMix of training batches, pasted area from Beta(alpha, alpha); 0 turns it off (with mixup on "
+        "too, each batch gets one of the two).",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on the CPU; bf16 and fp16 need CUDA.",
+    )
+    augment: AugmentParams = Field(
+        AugmentParams(), description="Random augmentation of the training split; evaluation images are never augmented."
+    )
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader processes decoding and augmenting images; 0 works in the training process."
+    )
+    resume: bool = Field(False, description="Continue from the last checkpoint in <run>/checkpoints/.")
+    save_total_limit: int = Field(
+        2, ge=1, description="Epoch checkpoints kept in <run>/checkpoints/; the best one is always among them."
+    )
+    num_gpus: int = Field(
+        1, ge=1, description="Training processes per machine; more than one process in all launches torchrun (DDP)."
+    )
+    nodes: int = Field(1, ge=1, description="Machines taking part in DDP training (README: several machines).")
+    ddp_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="DDP communication backend; auto: nccl on GPUs, gloo on the CPU."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads PyTorch trains with; null: PyTorch's default (every core)."
+    )
     report_to: list[Reporter] = Field(
         ["tensorboard"],
         description=(
@@ -167,25 +291,54 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(0, ge=0)
-    tta_flip: bool = False
-    calibrate: bool = True
-    n_mistakes: int = Field(16, ge=0)
+    """evaluate: test-split inference, the mistakes shown, temperature scaling."""
+
+    batch_size: int = Field(64, ge=1, description="Images per inference batch (the export stage's checks use it too).")
+    num_workers: int = Field(0, ge=0, description="DataLoader processes decoding images; 0 works in the notebook.")
+    tta_flip: bool = Field(
+        False,
+        description="Report metrics on the average of each image's and its mirror's logits; serving runs one view.",
+    )
+    calibrate: bool = Field(
+        True, description="Fit a temperature on the validation split (evaluated and served model); false keeps T = 1."
+    )
+    n_mistakes: int = Field(16, ge=0, description="Most confident test mistakes shown in mistakes.png.")
 
 
 class ExportParams(Section):
-    enabled: bool = True
-    opset: int = Field(18, ge=13)
-    quantize: Literal["dynamic", "static", "none"] = "dynamic"
-    min_agreement: float = Field(0.99, gt=0, le=1)
-    max_accuracy_drop: float = Field(0.005, ge=0, lt=1)
+    """export: ONNX files, int8 quantization and the rule choosing the served file."""
+
+    enabled: bool = Field(True, description="Run the export stage; without it the dashboard serves the PyTorch model.")
+    opset: int = Field(18, ge=13, description="ONNX operator set version the exported files use.")
+    quantize: Literal["dynamic", "static", "none"] = Field(
+        "dynamic",
+        description="int8 file: dynamic (int8 weights, activation ranges per batch, no calibration data), static "
+        "(ranges from 64 validation images), none (fp32 only).",
+    )
+    min_agreement: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="Share of test images on which a file's top-1 class must equal PyTorch's: int8 to be served, "
+        "the fp32 files to be kept at all.",
+    )
+    max_accuracy_drop: float = Field(
+        0.005,
+        ge=0,
+        lt=1,
+        description="Test accuracy int8 may lose against PyTorch and still be served (absolute, 0.005: half a "
+        "point); else fp32 ONNX is.",
+    )
 
 
 class GateCondition(Section):
-    metric: str
-    min: float | None = None
-    max: float | None = None
+    """One condition of the quality gate: a metric and its bounds."""
+
+    metric: str = Field(
+        description="A metrics.json key; dots reach nested values, e.g. per_class.sitting.f1 or served.ece."
+    )
+    min: float | None = Field(None, description="Lowest value that passes (inclusive); null: no lower bound.")
+    max: float | None = Field(None, description="Highest value that passes (inclusive); null: no upper bound.")
 
     @model_validator(mode="after")
     def _check(self) -> GateCondition:
@@ -195,8 +348,12 @@ class GateCondition(Section):
 
 
 class GateParams(Section):
-    enabled: bool = True
-    conditions: list[GateCondition] = []
+    """publish.gate: conditions on the run's metrics.json that must all hold before anything is uploaded."""
+
+    enabled: bool = Field(True, description="Check the conditions before uploading; false publishes every run.")
+    conditions: list[GateCondition] = Field(
+        [], description="Conditions that must all hold; an enabled gate needs at least one."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GateParams:
@@ -206,35 +363,71 @@ class GateParams(Section):
 
 
 class PublishParams(Section):
-    enabled: bool = True
-    registry: str = "outputs/registry"
-    model_name: str = Field("har-vit", pattern=r"^[A-Za-z0-9._-]+$")
-    region: str | None = None
-    gate: GateParams = GateParams(conditions=[GateCondition(metric="accuracy", min=0.5)])
+    """publish: the registry, the model's name in it, the quality gate."""
+
+    enabled: bool = Field(True, description="Run the publish stage.")
+    registry: str = Field(
+        "outputs/registry",
+        description="Where versions are uploaded: s3://bucket/prefix or a folder; S3 credentials come from boto3's "
+        "chain, never from params.",
+    )
+    model_name: str = Field(
+        "har-vit", pattern=r"^[A-Za-z0-9._-]+$", description="Model name in the registry: <registry>/<model_name>/."
+    )
+    region: str | None = Field(None, description="AWS region of an S3 registry; null: boto3's default.")
+    gate: GateParams = Field(
+        GateParams(conditions=[GateCondition(metric="accuracy", min=0.5)]),
+        description="Quality gate on metrics.json; a run that fails it uploads nothing.",
+    )
 
 
 class DashboardParams(Section):
-    registry: str = "outputs/registry"
-    model_name: str = Field("har-vit", pattern=r"^[A-Za-z0-9._-]+$")
-    version: str = "latest"
-    top_k: int = Field(5, ge=1, le=15)
-    device: Literal["cpu", "cuda"] = "cpu"
-    backend: Literal["auto", "onnx", "torch"] = "auto"
-    port: int = Field(8866, ge=1, le=65535)
-    max_upload_mib: float = Field(20, gt=0)
-    max_pixels: int = Field(40_000_000, ge=1)
-    low_confidence: float = Field(0.5, ge=0, le=1)
+    """dashboard: which published model the Voila page serves, and its limits; HAR_* variables override each key."""
+
+    registry: str = Field(
+        "outputs/registry", description="Registry the model is pulled from: s3://bucket/prefix or a folder."
+    )
+    model_name: str = Field("har-vit", pattern=r"^[A-Za-z0-9._-]+$", description="Model name in that registry.")
+    version: str = Field("latest", description="Version to serve; latest: the one the registry's latest.json names.")
+    top_k: int = Field(5, ge=1, le=15, description="Classes shown per photo, most probable first.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Device of the PyTorch backend; the ONNX backend runs on the CPU only."
+    )
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto",
+        description="auto: the exported ONNX file when the version has one and the device is the CPU, else PyTorch.",
+    )
+    port: int = Field(
+        8866,
+        ge=1,
+        le=65535,
+        description="HTTP port of the page (8866: Voila's default); voila takes it on its command line, deploy/ "
+        "from HAR_PORT.",
+    )
+    max_upload_mib: float = Field(
+        20, gt=0, description="Largest photo accepted, upload or URL, in MiB (the 96 MiB websocket cap bounds it)."
+    )
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image accepted, in pixels: refuses decompression bombs before decoding."
+    )
+    low_confidence: float = Field(
+        0.5, ge=0, le=1, description="Show a low-confidence notice when the top class's probability is below this."
+    )
 
 
 class Params(Section):
-    run: RunParams = RunParams()
-    data: DataParams = DataParams()
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    export: ExportParams = ExportParams()
-    publish: PublishParams = PublishParams()
-    dashboard: DashboardParams = DashboardParams()
+    """Every section of a params profile, one per stage plus the dashboard."""
+
+    run: RunParams = Field(RunParams(), description="The run: its name, output folder and seed.")
+    data: DataParams = Field(DataParams(), description="Prepare stage: the images, de-duplication, the split.")
+    model: ModelParams = Field(ModelParams(), description="Train stage: the backbone and how it is built.")
+    train: TrainParams = Field(TrainParams(), description="Train stage: the fine-tuning recipe.")
+    evaluate: EvaluateParams = Field(EvaluateParams(), description="Evaluate stage: test metrics and calibration.")
+    export: ExportParams = Field(ExportParams(), description="Export stage: ONNX, int8 and the served file.")
+    publish: PublishParams = Field(PublishParams(), description="Publish stage: the gate and the registry upload.")
+    dashboard: DashboardParams = Field(
+        DashboardParams(), description="The Voila page serving a published model; HAR_* variables override each key."
+    )
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -325,6 +518,56 @@ def save_params(params: Params, path: str | Path) -> Path:
 def run_dir(params: Params) -> Path:
     """The run's output folder: <output_root>/<run.name>."""
     return resolve_path(params.run.output_root) / params.run.name
+
+
+def _section_class(annotation: Any) -> type[Section] | None:
+    """The section a field holds (data.embedded, train.augment, publish.gate), else None."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+def _item_class(annotation: Any) -> type[Section] | None:
+    """The section each item of a list field is (publish.gate.conditions), else None."""
+    args = get_args(annotation)
+    return _section_class(args[0]) if get_origin(annotation) is list and args else None
+
+
+def _show(value: Any) -> str:
+    """A value as JSON, which a YAML profile and --set both accept."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _wrapped(text: str | None, indent: str = "    ") -> list[str]:
+    """A description as indented lines of at most 100 characters."""
+    return textwrap.wrap(text or "", width=100, initial_indent=indent, subsequent_indent=indent)
+
+
+def _explain(cls: type[Section], values: dict, defaults: dict, prefix: str, lines: list[str]) -> None:
+    """Append a section's keys to lines; its own keys first, so that a nested section's heading ends its block."""
+    fields = cls.model_fields.items()
+    for name, field in [(n, f) for n, f in fields if not _section_class(f.annotation)]:
+        key = prefix + name
+        lines.append(f"{key} = {_show(values[name])}  (default: {_show(defaults[name])})")
+        lines += _wrapped(field.description)
+        item = _item_class(field.annotation)
+        for sub, sub_field in (item.model_fields if item else {}).items():
+            default = "required" if sub_field.is_required() else f"default: {_show(sub_field.default)}"
+            lines.append(f"{key}[].{sub}  (each item; {default})")
+            lines += _wrapped(sub_field.description)
+    for name, field in fields:
+        section = _section_class(field.annotation)
+        if section is not None:
+            lines += ["", f"[{prefix}{name}] {field.description}"]
+            _explain(section, values[name], defaults[name], f"{prefix}{name}.", lines)
+
+
+def explain(params: Params) -> str:
+    """Every key, section by section: its resolved value, its default and its description; nested keys dotted."""
+    lines = ["# key = resolved value  (default: its value in an empty profile)"]
+    values, defaults = params.model_dump(mode="json"), Params().model_dump(mode="json")
+    for name, field in Params.model_fields.items():
+        lines += ["", f"[{name}] {field.description}"]
+        _explain(field.annotation, values[name], defaults[name], f"{name}.", lines)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from lib.params import (
     Params,
     ParamsError,
     dump_params,
+    explain,
     flatten,
     load_params,
     parse_override,
@@ -508,7 +509,8 @@ def _how(params_file: str, overrides: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: python -m lib.pipeline --params FILE [--stages a,b] [--set k=v] [--run NAME] [--sweep k=v1,v2] [--check]."""
+    """CLI: python -m lib.pipeline --params FILE [--stages a,b] [--set k=v] [--run NAME] [--sweep k=v1,v2]
+    [--check | --explain | --begin STAGE | --finish STAGE]."""
     parser = argparse.ArgumentParser(prog="python -m lib.pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default=str(ROOT / "params" / "demo.yaml"), help="YAML profile")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
@@ -517,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="one run per value")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="only validate params, print the plan and pre-flight it")
+    mode.add_argument("--explain", action="store_true", help="print every key: resolved value, default, description")
     # For a stage run outside the runner (training launched on several machines by hand) or a run folder made
     # before completion records existed: what the stage notebook's first and last cells do.
     mode.add_argument("--begin", choices=list(STAGES), metavar="STAGE", help="check a stage's inputs, clear outputs")
@@ -540,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     hows = [_how(args.params, ovr) for _, ovr in runs]
     for params, plan, how in zip(resolved, plans, hows):
         try:
-            if args.check:
+            if args.explain:
+                print(f"# python -m lib.pipeline {how}\n{explain(params)}")
+            elif args.check:
                 print(dump_params(params))
                 print(f"run folder: {run_dir(params)}")
                 print(f"stages: {' -> '.join(plan) or '(none)'}")

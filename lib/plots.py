@@ -1,4 +1,4 @@
-"""Figures: sample grid, training curves, confusion matrices, most confident mistakes."""
+"""Figures: sample grid, training curves, confusion matrices, most confident mistakes, export variants."""
 
 from __future__ import annotations
 
@@ -98,5 +98,29 @@ def mistakes_grid(ds: Any, indices: np.ndarray, probs: np.ndarray, labels: list[
         ax.set_title(f"true: {labels[y[i]]}\npred: {labels[pred]} ({probs[i, pred]:.2f})", fontsize=8)
     if len(indices) == 0:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center")
+    fig.tight_layout()
+    return fig
+
+
+def export_variants(check: dict, min_agreement: float | None = None) -> Any:
+    """PyTorch and each ONNX file side by side: size, latency per image, top-1 agreement with PyTorch (the serving
+    rule's threshold dashed)."""
+    plt = _plt()
+    rows = check["variants"]
+    names = list(rows)
+    colors = ["tab:gray" if n == "torch" else "tab:blue" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    panels = (
+        ("size_mib", "size (MiB)", "%.1f"),
+        ("latency_ms", "latency per image (ms)", "%.1f"),
+        ("agreement", "top-1 agreement with PyTorch", "%.3f"),
+    )
+    for ax, (key, title, fmt) in zip(axes, panels):
+        bars = ax.bar(names, [float(rows[n][key]) for n in names], color=colors)
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
+        ax.set(title=title)
+    if min_agreement is not None:
+        axes[2].axhline(min_agreement, color="tab:red", linestyle="--", linewidth=1)
+    axes[2].set_ylim(0, 1.05)
     fig.tight_layout()
     return fig

@@ -34,15 +34,18 @@ def dataset_logits(
     tta_flip: bool = False,
     precision: str = "auto",
     per_view: bool = False,
+    progress: str | None = None,
 ) -> np.ndarray:
     """Logits (N, C) for a split: batched DataLoader, inference_mode, bf16/fp16 autocast on GPU (precision="fp32"
     disables it).
 
+    progress names a progress bar over the batches (None: no bar).
     tta_flip averages the logits of each image and its mirror. per_view returns (N, V, C) instead: view 0 the
     image as served, view 1 its mirror when tta_flip, so one pass gives both the TTA and the served logits.
     """
     import torch
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     from lib.data import collate, eval_batch_transform
 
@@ -65,7 +68,7 @@ def dataset_logits(
         torch.inference_mode(),
         torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=dtype, enabled=use_autocast),
     ):
-        for batch in loader:
+        for batch in tqdm(loader, desc=progress, unit="batch", disable=progress is None):
             pixels = batch["pixel_values"].to(device, non_blocking=True)
             if tta_flip:
                 # one forward pass over the batch and its mirror keeps the GPU busier than two

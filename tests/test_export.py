@@ -14,9 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.export import FP32_FILE, INT8_FILE, STANDARD_FILE, choose_serving, export_table, run_export, scale_to_div
+from lib.export import (
+    FP32_FILE,
+    INT8_FILE,
+    STANDARD_FILE,
+    choose_serving,
+    choose_variant,
+    export_table,
+    require_fp32_agreement,
+    run_export,
+    scale_to_div,
+)
 from lib.model import build_model, save_model, save_temperature
-from lib.params import ModelParams, Params
+from lib.params import ExportParams, ModelParams, Params
 from lib.pipeline import require_stage
 from lib.predict import load_predictor, onnx_session
 
@@ -199,6 +209,34 @@ def test_table(exported: tuple[Path, dict]) -> None:
     table = export_table(result)
     assert list(table.index) == ["torch", "standard", "fp32", "int8"]
     assert int(table["serving"].sum()) == 1
+    assert "serving" not in export_table({"variants": result["variants"]})  # checked, nothing chosen yet
+
+
+def test_variants_figure(exported: tuple[Path, dict]) -> None:
+    """The notebook's figure: size, latency and agreement, one bar per variant."""
+    from lib.plots import export_variants
+
+    _, result = exported
+    fig = export_variants(result, min_agreement=0.99)
+    assert [len(ax.patches) for ax in fig.axes] == [4, 4, 4]
+
+
+def test_choose_variant_is_the_stored_choice(exported: tuple[Path, dict]) -> None:
+    """The notebook's choice step gives what run_export stored, and fp32 when there is no int8 file."""
+    _, result = exported
+    file, variant, reason = choose_variant(result, ExportParams())
+    assert (file, reason) == (result["serving"]["file"], result["serving"]["reason"])
+    assert variant == ("int8" if file == INT8_FILE else "fp32")
+    no_int8 = {**result, "variants": {k: v for k, v in result["variants"].items() if k != "int8"}}
+    assert choose_variant(no_int8, ExportParams())[:2] == (FP32_FILE, "fp32")
+
+
+def test_fp32_files_must_agree_with_pytorch() -> None:
+    """An fp32 file below min_agreement stops the stage; an empty test split has nothing to check."""
+    rows = {"standard": {"file": STANDARD_FILE, "agreement": 1.0}, "fp32": {"file": FP32_FILE, "agreement": 0.9}}
+    with pytest.raises(RuntimeError, match="fp32 ONNX export"):
+        require_fp32_agreement({"test_images": 10, "variants": rows}, 0.99)
+    require_fp32_agreement({"test_images": 0, "variants": rows}, 0.99)
 
 
 @pytest.mark.parametrize(

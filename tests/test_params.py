@@ -3,11 +3,13 @@
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from lib.params import ROOT, ParamsError, dump_params, load_params, parse_override
+from lib.params import ROOT, Params, ParamsError, dump_params, flatten, load_params, parse_override
 
 PROFILES = sorted((ROOT / "params").glob("*.yaml"))
 
@@ -89,10 +91,17 @@ def test_dump_round_trips(tmp_path):
     assert load_params(path).model_dump() == p.model_dump()
 
 
-def test_check_cli_fails_fast_without_importing_torch(tmp_path):
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("--check", "stages: prepare -> train -> evaluate -> export -> publish"),
+        ("--explain", "train.augment.scale_min = 0.6  (default: 0.6)"),
+    ],
+)
+def test_cli_fails_fast_without_importing_torch(tmp_path, flag, expected):
     bad = write(tmp_path, {"train": {"epochs": "many"}})
     code = (
-        "import sys; from lib.pipeline import main; rc = main(['--params', sys.argv[1], '--check']); "
+        f"import sys; from lib.pipeline import main; rc = main(['--params', sys.argv[1], '{flag}']); "
         "assert 'torch' not in sys.modules, 'params check imported torch'; sys.exit(rc)"
     )
     res = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=60)
@@ -102,7 +111,45 @@ def test_check_cli_fails_fast_without_importing_torch(tmp_path):
         [sys.executable, "-c", code, str(ROOT / "params" / "demo.yaml")], capture_output=True, text=True, timeout=60
     )
     assert ok.returncode == 0, ok.stderr
-    assert "stages: prepare -> train -> evaluate -> export -> publish" in ok.stdout
+    assert expected in ok.stdout
+
+
+def fields_of(model: type[BaseModel], prefix: str = "") -> dict:
+    """Dotted key -> pydantic FieldInfo for every field of model and of every model its fields hold (lists too)."""
+    found = {}
+    for name, field in model.model_fields.items():
+        found[prefix + name] = field
+        todo = [field.annotation]
+        while todo:  # unwrap X | None, list[X], Literal[...] down to the models inside
+            annotation = todo.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                found |= fields_of(annotation, f"{prefix}{name}.")
+            else:
+                todo += get_args(annotation)
+    return found
+
+
+def test_every_params_key_has_a_description():
+    fields = fields_of(Params)
+    for key in ("run", "data.embedded.images_per_class", "train.augment.scale_min", "publish.gate.conditions.metric"):
+        assert key in fields, key
+    missing = sorted(key for key, field in fields.items() if not (field.description or "").strip())
+    assert not missing, f"params keys without a description: {missing}"
+
+
+def test_explain_shows_every_key_with_value_default_and_description(capsys):
+    from lib.pipeline import main
+
+    assert main(["--params", str(ROOT / "params" / "demo.yaml"), "--set", "train.epochs=3", "--explain"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for key in flatten(load_params(ROOT / "params" / "demo.yaml").model_dump()):
+        assert any(line.startswith(f"{key} = ") for line in lines), key
+    assert "[train.augment] " + Params.model_fields["train"].annotation.model_fields["augment"].description in lines
+    at = lines.index("train.epochs = 3.0  (default: 8.0)")  # the override, and the default beside it
+    assert lines[at + 1].strip().startswith("Passes over the training split")
+    assert "publish.gate.conditions[].metric  (each item; required)" in lines
+    assert "model.config.hidden_size = 128  (default: 192)" in lines
 
 
 def test_sweep_expands_to_one_run_per_value():

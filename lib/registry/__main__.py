@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "show":
             print(json.dumps(show(args.url, args.model, args.version, args.region), indent=2))
         else:
-            print(pull(args.url, args.model, args.version, args.cache_dir, args.region))
+            print(pull(args.url, args.model, args.version, args.cache_dir, args.region, progress=True))
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from lib.files import JSONFileError, read_json, sha256_file, write_json
+from lib.files import JSONFileError, byte_bar, read_json, sha256_file, write_json
 from lib.params import GateParams
 from lib.registry.card import metrics_summary, model_card
 from lib.registry.gate import gate_report
@@ -80,14 +80,21 @@ def _content_hash(entries: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def verify_uploaded(storage: Storage, base: str, entries: list[dict]) -> None:
+def verify_uploaded(storage: Storage, base: str, entries: list[dict], progress: bool = False) -> None:
     """Read every object back and compare size and sha256 with the manifest entries."""
-    for e in entries:
-        size, digest = storage.digest(f"{base}/{e['path']}")
-        if size != e["size"]:
-            raise RegistryError(f"verification failed for {base}/{e['path']}: size {size} != {e['size']}")
-        if digest != e["sha256"]:
-            raise RegistryError(f"verification failed for {base}/{e['path']}: sha256 mismatch")
+    with byte_bar(sum(e["size"] for e in entries), "read back", progress) as bar:
+        for e in entries:
+            verify_entry(storage, base, e)
+            bar.update(e["size"])
+
+
+def verify_entry(storage: Storage, base: str, e: dict) -> None:
+    """Compare one stored object's size and sha256 with its manifest entry."""
+    size, digest = storage.digest(f"{base}/{e['path']}")
+    if size != e["size"]:
+        raise RegistryError(f"verification failed for {base}/{e['path']}: size {size} != {e['size']}")
+    if digest != e["sha256"]:
+        raise RegistryError(f"verification failed for {base}/{e['path']}: sha256 mismatch")
 
 
 def publish(
@@ -98,6 +105,7 @@ def publish(
     region: str | None = None,
     *,
     multipart_threshold: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """Gate, upload, verify and only then point latest.json at a new version; record publish.json in run_dir."""
     run_dir = Path(run_dir)
@@ -169,10 +177,11 @@ def publish(
     manifest_bytes = json.dumps(manifest, indent=2).encode()
 
     log.info("publishing %d files to %s/%s", len(entries), storage.url, base)
-    for rel, path in files:
-        storage.put_file(f"{base}/{rel}", path)
+    with byte_bar(sum(e["size"] for e in entries if e["path"] != CARD), "upload", progress) as bar:
+        for rel, path in files:
+            storage.put_file(f"{base}/{rel}", path, bar.update)
     storage.put_bytes(f"{base}/{CARD}", card_bytes)
-    verify_uploaded(storage, base, entries)
+    verify_uploaded(storage, base, entries, progress)
     # The manifest is the commit marker: written only once every file verified, never over an existing one.
     storage.put_bytes(f"{base}/{MANIFEST}", manifest_bytes, exclusive=True)
     manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()

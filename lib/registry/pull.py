@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lib.files import sha256_file
+from lib.files import byte_bar, sha256_file
 from lib.metrics import SUMMARY_METRICS
 from lib.registry.publish import _utcnow
 from lib.registry.storage import (
@@ -146,6 +146,7 @@ def pull(
     region: str | None = None,
     *,
     full_check: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Download a version into the local cache, verified file by file; return its folder (cached when valid)."""
     storage = open_storage(registry, region)
@@ -170,11 +171,12 @@ def pull(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".partial-{version}-", dir=target.parent))
+    bar = byte_bar(sum(int(e["size"]) for e in manifest["files"]), "pull", progress)
     try:
         for e in manifest["files"]:
             dest = tmp.joinpath(*e["path"].split("/"))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            storage.get_file(f"{base}/{e['path']}", dest)
+            storage.get_file(f"{base}/{e['path']}", dest, bar.update)
             size = dest.stat().st_size
             if size != e["size"]:
                 raise RegistryError(
@@ -195,6 +197,7 @@ def pull(
             if not cached_ok(target):  # lost a race to a concurrent pull that did not verify
                 raise
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("pulled %s into %s", where, target)
     return target

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -78,9 +79,11 @@ class LocalStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put_file(self, key: str, path: Path) -> None:
-        """Copy a local file to key."""
+    def put_file(self, key: str, path: Path, progress: Callable[[int], None] | None = None) -> None:
+        """Copy a local file to key; progress(bytes) once it is there."""
         self._write(key, lambda tmp: shutil.copyfile(path, tmp))
+        if progress:
+            progress(Path(path).stat().st_size)
 
     def put_bytes(self, key: str, data: bytes, exclusive: bool = False) -> None:
         """Write bytes to key; with exclusive, fail if key already exists."""
@@ -93,10 +96,12 @@ class LocalStorage:
         except FileNotFoundError:
             raise RegistryError(f"{self.url}/{key} not found") from None
 
-    def get_file(self, key: str, dest: Path) -> None:
-        """Copy key to a local file."""
+    def get_file(self, key: str, dest: Path, progress: Callable[[int], None] | None = None) -> None:
+        """Copy key to a local file; progress(bytes) once it is there."""
         try:
             shutil.copyfile(self._path(key), dest)
+            if progress:
+                progress(Path(dest).stat().st_size)
         except FileNotFoundError:
             raise RegistryError(f"{self.url}/{key} not found") from None
 
@@ -237,11 +242,17 @@ class S3Storage:
         kind = mimetypes.guess_type(key)[0]
         return {"ContentType": kind} if kind else {}
 
-    def put_file(self, key: str, path: Path) -> None:
-        """Upload a local file; multipart above the configured threshold (boto3 transfer manager)."""
+    def put_file(self, key: str, path: Path, progress: Callable[[int], None] | None = None) -> None:
+        """Upload a local file; multipart above the configured threshold (boto3 transfer manager, which calls
+        progress with each chunk's byte count)."""
         try:
             self.client.upload_file(
-                str(path), self.bucket, self._key(key), ExtraArgs=self._content_type(key), Config=self.transfer
+                str(path),
+                self.bucket,
+                self._key(key),
+                ExtraArgs=self._content_type(key),
+                Config=self.transfer,
+                Callback=progress,
             )
         except Exception as exc:
             raise self._error(exc, f"upload {key}") from None
@@ -277,10 +288,10 @@ class S3Storage:
                 raise RegistryError(f"{self.url}/{key} not found") from None
             raise self._error(exc, f"get {key}") from None
 
-    def get_file(self, key: str, dest: Path) -> None:
-        """Download key to a local file (boto3 transfer manager)."""
+    def get_file(self, key: str, dest: Path, progress: Callable[[int], None] | None = None) -> None:
+        """Download key to a local file (boto3 transfer manager; progress gets each chunk's byte count)."""
         try:
-            self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer)
+            self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer, Callback=progress)
         except Exception as exc:
             if self._status(exc) == 404:
                 raise RegistryError(f"{self.url}/{key} not found") from None
