@@ -8,6 +8,7 @@ exactly as evaluation and serving do (lib.transforms.eval_transform).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +50,106 @@ def build_model(mp: ModelParams, labels: list[str]) -> tuple[Any, Any, ImageSpec
             attn_implementation=mp.attn_implementation,
             **label_maps(labels),
         )
-        # The backbone's processor gives size, mean and std; its resize rule is replaced by the evaluation transform's.
-        spec = spec_from_processor(AutoImageProcessor.from_pretrained(name, backend="pil"), mp.crop_pct)
+        # The backbone's processor gives size, mean and std; the resize rule is the family's (FAMILIES: crop or squash),
+        # with the crop ratio from the params.
+        known = FAMILIES.get(model.config.model_type)
+        spec = spec_from_processor(
+            AutoImageProcessor.from_pretrained(name, backend="pil"), mp.crop_pct, known.eval_resize if known else "crop"
+        )
     freeze_layers(model, mp.freeze_layers)
     return model, image_processor(spec), spec
 
 
-def encoder_layers(model: Any) -> list[Any]:
-    """The backbone's encoder blocks, in order ([encoder.]layer(s) for ViT, BEiT, DINOv2; stages for Swin, ConvNeXt)."""
+@dataclass(frozen=True)
+class Family:
+    """Where one model type keeps its parts, as dotted paths from model.base_model.
+
+    blocks: the block list, one path per transformers layout (current first; older releases nest ViT-style blocks
+    at encoder.layer). embeddings: the patch (and position) embeddings. eval_resize: how the family's own image
+    processor resizes for evaluation ("crop": shorter side then center crop; "squash": straight to size x size).
+    Hierarchical families (Swin, ConvNeXt) list stages: depth and freezing go by stage.
+    """
+
+    blocks: tuple[str, ...]
+    embeddings: str = "embeddings"
+    eval_resize: str = "crop"
+
+
+FAMILIES: dict[str, Family] = {
+    "vit": Family(blocks=("layers", "encoder.layer")),
+    "deit": Family(blocks=("layers", "encoder.layer")),
+    "beit": Family(blocks=("layers", "encoder.layer")),
+    "dinov2": Family(blocks=("encoder.layer",)),
+    # SigLIP's classifier is the whole model (no base-model attribute), so base_model is the model itself.
+    # SigLIP was trained on images squashed to 224 x 224, and its processor does the same.
+    "siglip": Family(
+        blocks=("vision_model.encoder.layers",), embeddings="vision_model.embeddings", eval_resize="squash"
+    ),
+    "siglip2": Family(
+        blocks=("vision_model.encoder.layers",), embeddings="vision_model.embeddings", eval_resize="squash"
+    ),
+    "swin": Family(blocks=("encoder.layers",)),
+    "convnext": Family(blocks=("encoder.stages",)),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One built model's parts: its family, the blocks in order, and the parameter-name prefixes they carry."""
+
+    model_type: str
+    blocks: list[Any]
+    embeddings: Any
+    block_prefix: str  # f"{block_prefix}{i}." starts the name of every parameter of block i
+    embeddings_prefix: str
+
+
+def family(model_type: str) -> Family:
+    """The table entry for a config.model_type; ValueError naming it when the family is not supported."""
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model family {model_type!r} is not supported for layer freezing and layer-wise LR decay "
+            f"(supported: {', '.join(sorted(FAMILIES))})"
+        )
+    return FAMILIES[model_type]
+
+
+def _attr_path(root: Any, path: str) -> Any:
+    """getattr along a dotted path; None where a part is missing."""
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
+def layout(model: Any) -> Layout:
+    """Resolve the model's family table entry against the built model (ValueError for an unknown family)."""
+    model_type = getattr(model.config, "model_type", "")
+    fam = family(model_type)
     base = model.base_model
-    for owner in (getattr(base, "encoder", None), base):
-        for attr in ("layer", "layers", "stages"):
-            blocks = getattr(owner, attr, None)
-            if blocks is not None:
-                return list(blocks)
-    raise ValueError(f"cannot find encoder layers in {type(base).__name__}")
+    names = {id(m): n for n, m in model.named_modules()}
+    for path in fam.blocks:
+        blocks = _attr_path(base, path)
+        if blocks is not None:
+            break
+    else:
+        raise ValueError(f"{type(model).__name__} ({model_type}) has none of {fam.blocks} under its base model")
+    embeddings = _attr_path(base, fam.embeddings)
+    if embeddings is None:
+        raise ValueError(f"{type(model).__name__} ({model_type}) has no {fam.embeddings} under its base model")
+    return Layout(
+        model_type=model_type,
+        blocks=list(blocks),
+        embeddings=embeddings,
+        block_prefix=names[id(blocks)] + ".",
+        embeddings_prefix=names[id(embeddings)] + ".",
+    )
+
+
+def encoder_layers(model: Any) -> list[Any]:
+    """The backbone's encoder blocks in order (stages for Swin, ConvNeXt), from the FAMILIES table."""
+    return layout(model).blocks
 
 
 def freeze_layers(model: Any, n: int) -> None:
@@ -72,11 +158,10 @@ def freeze_layers(model: Any, n: int) -> None:
         param.requires_grad = True
     if n <= 0:
         return
-    layers = encoder_layers(model)
-    if n > len(layers):
-        raise ValueError(f"freeze_layers={n} but the model has {len(layers)} encoder layers")
-    embeddings = getattr(model.base_model, "embeddings", None)
-    for module in ([embeddings] if embeddings is not None else []) + layers[:n]:
+    parts = layout(model)
+    if n > len(parts.blocks):
+        raise ValueError(f"freeze_layers={n} but the model has {len(parts.blocks)} encoder layers")
+    for module in [parts.embeddings] + parts.blocks[:n]:
         for param in module.parameters():
             param.requires_grad = False
 

@@ -11,11 +11,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lib.params import Params, TrainParams, load_params, run_dir
+
+if TYPE_CHECKING:
+    from lib.model import Layout
 
 
 def device_precision(precision: str) -> dict[str, bool]:
@@ -144,28 +147,30 @@ def load_checkpoint_weights(model: Any, folder: str | Path) -> None:
         )
 
 
-def layer_id(name: str, n_layers: int) -> int:
-    """Depth of a parameter for layer-wise LR decay: 0 embeddings, 1..n encoder layers, n+1 head and final norm."""
-    if "embeddings" in name:
+def layer_id(name: str, parts: Layout) -> int:
+    """Depth of a parameter for layer-wise LR decay: 0 embeddings, 1..n encoder blocks (stages for Swin and ConvNeXt),
+    n+1 everything after them (final norm, pooling head, classifier)."""
+    if name.startswith(parts.embeddings_prefix):
         return 0
-    for marker in (".layer.", ".layers.", ".stages."):
-        if marker in name:
-            return int(name.split(marker, 1)[1].split(".", 1)[0]) + 1
-    return n_layers + 1
+    if name.startswith(parts.block_prefix):
+        return int(name[len(parts.block_prefix) :].split(".", 1)[0]) + 1
+    return len(parts.blocks) + 1
 
 
 def param_groups(model: Any, tp: TrainParams) -> list[dict]:
-    """AdamW parameter groups: no weight decay on biases/norms; per-depth LR when layer_decay is set."""
-    from lib.model import encoder_layers
+    """AdamW parameter groups: no weight decay on biases/norms/tokens/position embeddings; per-depth LR when
+    layer_decay is set (head at the base LR, times layer_decay per block below it)."""
+    from lib.model import layout
 
-    n_layers = len(encoder_layers(model))
+    parts = layout(model) if tp.layer_decay else None
+    n_layers = len(parts.blocks) if parts else 0
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = param.ndim == 1 or name.endswith(".bias") or "position_embeddings" in name or "cls_token" in name
-        depth = layer_id(name, n_layers) if tp.layer_decay else n_layers + 1
-        scale = tp.layer_decay ** (n_layers + 1 - depth) if tp.layer_decay else 1.0
+        no_decay = param.ndim == 1 or name.endswith((".bias", "_token")) or "position_embedding" in name
+        depth = layer_id(name, parts) if parts else n_layers + 1
+        scale = tp.layer_decay ** (n_layers + 1 - depth) if parts else 1.0
         group = groups.setdefault(
             (depth, no_decay),
             {"params": [], "lr": tp.learning_rate * scale, "weight_decay": 0.0 if no_decay else tp.weight_decay},

@@ -13,16 +13,26 @@ from PIL import Image, ImageEnhance
 
 SPEC_FILE = "preprocessing.json"
 RESAMPLE = Image.Resampling.BICUBIC
+RESIZE_MODES = ("crop", "squash")
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What the model expects: square input size, crop ratio, normalisation."""
+    """What the model expects: square input size, crop ratio, normalisation, resize mode.
+
+    resize "crop": shorter side to resize_to, then center crop size x size (ViT, DeiT, BEiT, DINOv2, Swin, ConvNeXt).
+    resize "squash": straight to size x size, aspect ratio not kept, no crop (SigLIP; crop_pct is then unused).
+    """
 
     size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     crop_pct: float = 0.875
+    resize: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, not {self.resize!r}")
 
     @property
     def resize_to(self) -> int:
@@ -30,8 +40,9 @@ class ImageSpec:
         return int(math.floor(self.size / self.crop_pct + 0.5))
 
 
-def spec_from_processor(processor: Any, crop_pct: float = 0.875) -> ImageSpec:
-    """Build an ImageSpec from a Hugging Face image processor (ViT, DINOv2, BEiT, ConvNeXt, Swin ...)."""
+def spec_from_processor(processor: Any, crop_pct: float = 0.875, resize: str = "crop") -> ImageSpec:
+    """Build an ImageSpec from a Hugging Face image processor (ViT, DINOv2, BEiT, ConvNeXt, Swin, SigLIP ...): its
+    input size, mean and std; the resize rule is resize (lib.model.FAMILIES says which one a family uses)."""
     size = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
     if isinstance(size, int):
         side = size
@@ -42,13 +53,27 @@ def spec_from_processor(processor: Any, crop_pct: float = 0.875) -> ImageSpec:
         raise ValueError(f"cannot read an input size from {type(processor).__name__}")
     mean = tuple(float(x) for x in (processor.image_mean or (0.5, 0.5, 0.5)))
     std = tuple(float(x) for x in (processor.image_std or (0.5, 0.5, 0.5)))
-    return ImageSpec(size=int(side), mean=mean, std=std, crop_pct=crop_pct)  # type: ignore[arg-type]
+    return ImageSpec(size=int(side), mean=mean, std=std, crop_pct=crop_pct, resize=resize)  # type: ignore[arg-type]
 
 
 def processor_config(spec: ImageSpec) -> dict[str, Any]:
     """Settings of a transformers image processor (ViTImageProcessor, PIL backend) that does exactly eval_transform:
     RGB with transparency on white, bicubic resize of the shorter side to spec.resize_to, center crop spec.size,
-    rescale by 1/255, normalise with spec.mean and spec.std."""
+    rescale by 1/255, normalise with spec.mean and spec.std. For resize "squash": bicubic resize to spec.size x
+    spec.size and no crop."""
+    if spec.resize == "squash":
+        return {
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"height": spec.size, "width": spec.size},
+            "resample": int(RESAMPLE),
+            "do_center_crop": False,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(spec.mean),
+            "image_std": list(spec.std),
+        }
     if spec.resize_to < spec.size:  # eval_transform then stretches the image; a shortest-edge resize cannot say that
         raise ValueError(f"crop_pct {spec.crop_pct} > 1 has no image processor equivalent")
     return {
@@ -76,8 +101,13 @@ def save_spec(spec: ImageSpec, model_dir: str | Path) -> Path:
 def load_spec(model_dir: str | Path) -> ImageSpec:
     """Read preprocessing.json from a saved model folder."""
     raw = json.loads((Path(model_dir) / SPEC_FILE).read_text())
+    # Files written before the resize mode existed describe a crop.
     return ImageSpec(
-        size=int(raw["size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]), crop_pct=float(raw["crop_pct"])
+        size=int(raw["size"]),
+        mean=tuple(raw["mean"]),
+        std=tuple(raw["std"]),
+        crop_pct=float(raw["crop_pct"]),
+        resize=str(raw.get("resize", "crop")),
     )
 
 
@@ -112,7 +142,9 @@ def _normalize(img: Image.Image, spec: ImageSpec) -> np.ndarray:
 
 
 def resize_shape(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
-    """(width, height) after the resize that precedes the center crop: shorter side spec.resize_to."""
+    """(width, height) after the resize that precedes the center crop: shorter side spec.resize_to (squash: size)."""
+    if spec.resize == "squash":
+        return spec.size, spec.size
     short, long = min(width, height), max(width, height)
     # The longer side is truncated, not rounded: torchvision's Resize and transformers' shortest_edge resize do so,
     # and the saved image processor (processor_config) must land on the same pixel grid.
@@ -122,7 +154,8 @@ def resize_shape(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
 
 
 def resize_for_crop(img: Image.Image, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """The image resized so its shorter side is spec.resize_to, and the center-crop box within it."""
+    """The image resized so its shorter side is spec.resize_to, and the center-crop box within it (squash: the image
+    resized to spec.size x spec.size and the whole of it)."""
     img = to_rgb(img)
     nw, nh = resize_shape(*img.size, spec)
     left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
@@ -130,13 +163,13 @@ def resize_for_crop(img: Image.Image, spec: ImageSpec) -> tuple[Image.Image, tup
 
 
 def resize_center_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
-    """Resize the shorter side to spec.resize_to, then center-crop spec.size x spec.size."""
+    """Resize the shorter side to spec.resize_to, then center-crop spec.size x spec.size (squash: resize only)."""
     resized, box = resize_for_crop(img, spec)
     return resized.crop(box)
 
 
 def eval_transform(img: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """Deterministic transform for validation, test and serving: resize, center crop, normalise."""
+    """Deterministic transform for validation, test and serving: resize, center crop (unless squash), normalise."""
     return _normalize(resize_center_crop(img, spec), spec)
 
 
