@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from test_uploads import heic, psd
 
 from lib.params import ROOT, GateParams, ModelParams, Params, VitConfig, save_params
 
@@ -34,6 +35,14 @@ MODEL_NAME = "har-vit-test"
 TOP_K = 3
 MAX_UPLOAD_MIB = 20
 SCREENSHOT = ROOT / "outputs" / "screenshots" / "dashboard.png"
+ACCEPTED_TEXT = "JPEG, PNG, WebP, GIF, BMP, TIFF or HEIC/HEIF"
+# Largest difference of any class probability between a HEIC photo and its JPEG twin. Both are lossy encodings of
+# the same pixels: after decoding they differ by about 1-2 grey levels on average, and measured over 30 real photos
+# (../shared/data/har_sample, phone-sized, HEIC quality 60-80 vs JPEG 90) with the model trained on them, the largest
+# difference was 0.0034 (the tiny random model here: 0.0002), top-1 always the same. One percentage point leaves
+# three times that margin and stays far below what changes the reading of a card (probabilities shown to 0.1 %,
+# the low-confidence notice at whole percents).
+HEIC_TOLERANCE = 0.01
 SERVERS: dict[str, int] = {}  # url -> Voila process id, for counting its kernels
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)"
@@ -226,6 +235,83 @@ def test_upload_cards_check_declared_and_real_sizes(tmp_path_factory: pytest.Tem
     assert len(many) == 9 and "Only 8 images" in many[-1]
 
 
+def test_demo_model_says_so_in_the_model_panel():
+    from types import SimpleNamespace
+
+    from lib.dashboard.app import ModelBundle, render_model_info, training_data_source
+    from lib.params import DashboardParams
+
+    predictor = SimpleNamespace(labels=["calling", "eating"], backend="onnx", model_file="export/model.int8.onnx")
+
+    def panel(source: str | None) -> str:
+        """The model panel for a model trained on source."""
+        bundle = ModelBundle(predictor, None, Path("v1"), "har-vit", "v1", data_source=source)  # type: ignore[arg-type]
+        return render_model_info(bundle, DashboardParams())
+
+    demo = panel("embedded")
+    assert 'data-demo="true"' in demo and 'class="har-demo-model"' in demo
+    for words in ("Demo model: not for real photos", "generated stick figures", "<code>params/har_vit.yaml</code>"):
+        assert words in demo
+    for source in ("hub:Bingsu/Human_Action_Recognition[train]", "imagefolder", None):
+        assert 'class="har-demo-model"' not in panel(source) and 'data-demo="false"' in panel(source)
+    # metrics.json's record of the data first, then params.yaml
+    assert training_data_source({"data": {"source": "embedded"}}, None) == "embedded"
+    recorded = {"data": {"source": "hub:x[train]"}}
+    assert training_data_source(recorded, {"data": {"source": "embedded"}}) == "hub:x[train]"
+    assert training_data_source({}, {"data": {"source": "hub", "hub_id": "x"}}) == "hub"
+    assert training_data_source({}, {"data": {"source": "embedded", "embedded": {"seed": 0}}}) == "embedded"
+    assert training_data_source({"data": "?"}, {"run": {"name": "x"}}) is None
+    assert training_data_source({}, None) is None
+
+
+def test_upload_help_lists_the_accepted_formats():
+    from lib.dashboard.app import UPLOAD_ACCEPT, render_hint
+    from lib.params import DashboardParams
+
+    hint = render_hint(DashboardParams(max_upload_mib=20))
+    assert ACCEPTED_TEXT in hint and "up to 20 MiB each" in hint
+    assert ".heic" in UPLOAD_ACCEPT.split(",") and "image/*" in UPLOAD_ACCEPT.split(",")
+
+
+def test_heic_phone_photo_classifies_like_its_jpeg_twin(tmp_path_factory: pytest.TempPathFactory):
+    from lib.dashboard.app import DECODE_SIDE, handle_image, load_bundle
+    from lib.dashboard.settings import upload_limits
+    from lib.dashboard.uploads import decode_image
+    from lib.params import DashboardParams
+
+    p = DashboardParams(top_k=3)
+    bundle = load_bundle(p, {"HAR_MODEL_DIR": str(shared_run(tmp_path_factory))})
+    upright = Image.open(io.BytesIO(photo(5, (900, 1200)))).convert("RGB")
+    # A portrait shot as a phone stores it: sensor-wise (landscape) pixels, EXIF orientation 6 to turn them upright.
+    # pillow-heif writes that orientation as the HEIF rotation property too, as phones do.
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    twins = {"JPEG": encode_oriented(stored, "JPEG", 90), "HEIF": heic(stored, orientation=6, quality=60)}
+    assert twins["HEIF"][4:12] == b"ftypheic"
+    decoded = {fmt: decode_image(data, upload_limits(p)[0], p.max_pixels, DECODE_SIDE) for fmt, data in twins.items()}
+    assert decoded["JPEG"].size == decoded["HEIF"].size == (768, 1024)  # upright, shrunk to DECODE_SIDE
+    pixels = {fmt: np.asarray(img, np.float32) for fmt, img in decoded.items()}
+    mae = float(np.abs(pixels["JPEG"] - pixels["HEIF"]).mean())
+    flipped = float(np.abs(pixels["JPEG"] - pixels["HEIF"][::-1, ::-1]).mean())
+    assert mae < 4 and flipped > 4 * mae, (mae, flipped)  # codec noise only; a doubled rotation shows
+    p_jpeg, p_heic = np.asarray(bundle.predictor.predict_proba([decoded["JPEG"], decoded["HEIF"]]))
+    assert p_jpeg.argmax() == p_heic.argmax()
+    assert np.abs(p_jpeg - p_heic).max() <= HEIC_TOLERANCE
+    # the page's own path: a result card with the same top class, and the demo model's note
+    card = handle_image(bundle, p, "IMG_0042.HEIC", twins["HEIF"], saliency=False)
+    top = bundle.predictor.labels[int(p_jpeg.argmax())]
+    assert card.startswith('<div class="har-result"') and f'data-top-label="{top}"' in card
+    assert bundle.is_demo and "generated stick figures only" in card
+
+
+def encode_oriented(img: Image.Image, fmt: str, quality: int, orientation: int = 6) -> bytes:
+    """img encoded with an EXIF orientation tag."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, fmt, quality=quality, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 def test_start_up_failure_is_a_message_not_a_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import IPython.display
 
@@ -355,6 +441,13 @@ def test_page_shows_model_and_no_source(page, server: str):
     assert info.get_attribute("data-version")
     assert "accuracy 0.812" in info.inner_text()
     assert "As served int8 (model.int8.onnx): accuracy 0.797 · calibration error 0.041" in info.inner_text()
+    # the test model was trained (as make demo's is) on the embedded generated images: the panel says so
+    assert info.get_attribute("data-demo") == "true"
+    assert "Demo model: not for real photos" in info.inner_text() and "params/har_vit.yaml" in info.inner_text()
+    assert ACCEPTED_TEXT in page.locator(".har-hint").inner_text()
+    with page.expect_file_chooser() as chooser:  # the widget's file input lives outside the page's DOM tree
+        page.click(".har-upload")
+    assert ".heic" in (chooser.value.element.get_attribute("accept") or "").split(",")
     content = page.content()
     for leak in ("from lib.dashboard.app import main", "params_file =", "main(params_file", "Traceback"):
         assert leak not in content
@@ -412,14 +505,18 @@ def test_mixed_batch_reports_each_file(page, tmp_path: Path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     huge = tmp_path / "huge.jpg"  # over the cap: the browser sends it without its bytes
     huge.write_bytes(b"\xff\xd8" + b"\0" * (MAX_UPLOAD_MIB * 1024 * 1024 + 10))
-    files = [str(tmp_path / name) for name in ("notes.txt", "empty.jpg", "huge.jpg", "alpha.png")]
-    upload(page, files, expect=4)
-    errors = {e.get_attribute("data-name"): e.inner_text() for e in page.locator(".har-results .har-error").all()[:3]}
+    (tmp_path / "layers.jpg").write_bytes(psd(64, 48))  # a Photoshop file renamed .jpg
+    (tmp_path / "IMG_0042.HEIC").write_bytes(heic(Image.open(io.BytesIO(photo(7))), orientation=6, quality=60))
+    names = ("notes.txt", "empty.jpg", "huge.jpg", "layers.jpg", "IMG_0042.HEIC", "alpha.png")
+    upload(page, [str(tmp_path / name) for name in names], expect=len(names))
+    errors = {e.get_attribute("data-name"): e.inner_text() for e in page.locator(".har-results .har-error").all()}
     assert "not an image" in errors["notes.txt"]
     assert "empty" in errors["empty.jpg"]
     assert f"limit is {MAX_UPLOAD_MIB} MiB" in errors["huge.jpg"]
+    assert "Photoshop (PSD)" in errors["layers.jpg"] and ACCEPTED_TEXT in errors["layers.jpg"]
     assert newest(page, ".har-result").get_attribute("data-name") == "alpha.png"
-    assert "3 refused" in page.locator(".har-status").inner_text()
+    assert page.locator('.har-results .har-result[data-name="IMG_0042.HEIC"]').count() == 1
+    assert "4 refused" in page.locator(".har-status").inner_text()
 
 
 @needs_chromium

@@ -5,15 +5,29 @@ from __future__ import annotations
 import http.server
 import io
 import ipaddress
+import socket
+import ssl
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from urllib.parse import quote, unquote
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from lib.dashboard.uploads import MIB, UploadError, check_url, decode_image, fetch_url, is_public_address
+from lib.dashboard import uploads
+from lib.dashboard.uploads import (
+    DECODE_FORMATS,
+    MIB,
+    UploadError,
+    check_url,
+    decode_image,
+    fetch_url,
+    is_public_address,
+    resolve_host,
+)
 
 MAX = 20 * MIB
 PIXELS = 40_000_000
@@ -57,10 +71,129 @@ def test_not_an_image(data: bytes):
         decode_image(data, MAX, PIXELS)
 
 
-def test_heic_gets_a_specific_hint():
+def heic(img: Image.Image, orientation: int | None = None, quality: int = 90) -> bytes:
+    """HEIC bytes written by pillow-heif; an EXIF orientation is stored as the container's rotation, as phones do."""
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    return encode(img, "HEIF", quality=quality, exif=exif.tobytes())
+
+
+def banded(w: int = 40, h: int = 20) -> Image.Image:
+    """Red with a blue band on the left: shows which way an image was turned."""
+    img = Image.new("RGB", (w, h), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, w // 4, h))
+    return img
+
+
+def test_broken_heic_is_refused_naming_heic():
     data = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
-    with pytest.raises(UploadError, match="HEIC"):
+    with pytest.raises(UploadError, match="HEIC/HEIF photo is damaged"):
         decode_image(data, MAX, PIXELS)
+    with pytest.raises(UploadError, match="damaged or truncated"):
+        decode_image(heic(banded())[:-20], MAX, PIXELS)
+
+
+def test_heic_without_pillow_heif_gets_the_export_hint(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(uploads, "pillow_heif", None)
+    monkeypatch.setattr(uploads, "DECODE_FORMATS", tuple(f for f in DECODE_FORMATS if f != "HEIF"))
+    with pytest.raises(UploadError, match="export the photo as JPEG"):
+        decode_image(heic(banded()), MAX, PIXELS)
+
+
+@pytest.mark.parametrize("max_side", [None, 512])  # 512: the reduce-then-rotate path of large photos
+def test_heic_photo_decodes_with_its_rotation(max_side: int | None):
+    scale = 1 if max_side is None else 60
+    img = decode_image(heic(banded(40 * scale, 20 * scale), orientation=6, quality=95), MAX, PIXELS, max_side)
+    w, h = img.size
+    assert img.mode == "RGB" and h == 2 * w and h == (40 if max_side is None else 512)
+    r, g, b = img.getpixel((w // 2, h // 16))  # the left band is now on top, turned once (not twice)
+    assert b > 200 and r < 60
+    assert img.getpixel((w // 2, h - h // 16))[0] > 200
+
+
+def psd(w: int = 8, h: int = 6) -> bytes:
+    """A minimal RGB Photoshop file (raw channels), which Pillow's PSD plugin would decode."""
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, h, w, 8, 3)  # version 1, 3 channels, 8 bits, RGB
+    sections = struct.pack(">III", 0, 0, 0)  # colour mode data, image resources, layers: all empty
+    return header + sections + struct.pack(">H", 0) + bytes(3 * w * h)  # compression 0: raw planes
+
+
+def fits(w: int = 4, h: int = 3) -> bytes:
+    """A minimal 8-bit FITS image."""
+    cards = ["SIMPLE  =                    T", "BITPIX  =                    8", "NAXIS   =                    2"]
+    cards += [f"NAXIS1  = {w:>20}", f"NAXIS2  = {h:>20}", "END"]
+    header = "".join(c.ljust(80) for c in cards).ljust(2880).encode("ascii")
+    return header + bytes(w * h).ljust(2880, b"\0")
+
+
+def refused_samples() -> dict[str, bytes]:
+    """Files in formats Pillow knows but the dashboard does not accept (each would be uploaded as 'photo.jpg')."""
+    small = Image.new("RGB", (16, 12), (90, 120, 30))
+    return {
+        "PSD": psd(),
+        "EPS": encode(small, "EPS"),
+        "FITS": fits(),
+        "ICO": encode(small, "ICO"),
+        "PCX": encode(small, "PCX"),
+        "TGA": encode(small, "TGA"),
+        "PPM": encode(small, "PPM"),
+        "SGI": encode(small, "SGI"),
+    }
+
+
+@pytest.fixture
+def other_decoders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every Pillow opener outside the allowlist, replaced by one that records that it was asked."""
+    Image.init()
+    asked: list[str] = []
+
+    def recorder(fmt: str) -> Callable[..., Image.Image]:
+        def factory(*_args, **_kwargs) -> Image.Image:
+            asked.append(fmt)
+            raise SyntaxError(f"{fmt} must not be tried")
+
+        return factory
+
+    for fmt, (_factory, accept) in list(Image.OPEN.items()):
+        if fmt not in DECODE_FORMATS:
+            monkeypatch.setitem(Image.OPEN, fmt, (recorder(fmt), accept))
+    return asked
+
+
+@pytest.mark.parametrize("fmt", list(refused_samples()))
+def test_formats_outside_the_allowlist_are_never_decoded(fmt: str, other_decoders: list[str]):
+    data = refused_samples()[fmt]
+    with pytest.raises(UploadError) as err:
+        decode_image(data, MAX, PIXELS)
+    message = str(err.value)
+    assert "JPEG, PNG, WebP, GIF, BMP, TIFF or HEIC/HEIF" in message  # names what is accepted
+    assert other_decoders == []  # no parser outside the allowlist saw the bytes
+
+
+@pytest.mark.parametrize("fmt,name", [("PSD", "Photoshop (PSD)"), ("EPS", "PostScript/EPS"), ("FITS", "FITS")])
+def test_refused_format_is_named(fmt: str, name: str):
+    with pytest.raises(UploadError) as err:
+        decode_image(refused_samples()[fmt], MAX, PIXELS)
+    assert f"This is a {name} file" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "fmt,kwargs",
+    [
+        ("JPEG", {"quality": 90}),
+        ("MPO", {}),  # multi-picture JPEG from phone cameras, opened by the JPEG decoder
+        ("PNG", {}),
+        ("WEBP", {"quality": 90}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("TIFF", {"compression": "tiff_lzw"}),
+        ("HEIF", {"quality": 90}),
+    ],
+)
+def test_accepted_formats_decode(fmt: str, kwargs: dict, other_decoders: list[str]):
+    img = decode_image(encode(banded(48, 32), fmt, **kwargs), MAX, PIXELS)
+    assert img.mode == "RGB" and img.size == (48, 32) and other_decoders == []
 
 
 def test_truncated_jpeg_is_refused():
@@ -245,6 +378,10 @@ def test_check_url_returns_the_checked_ip():
     assert (scheme, host, port, ip, target) == ("https", "example.com", 443, "93.184.215.14", "/a/b.jpg?x=1")
 
 
+DRIP_INTERVAL = 0.2  # seconds between two bytes of a dripping server
+DRIP_SECONDS = 20.0  # how long it drips at most (far past any deadline the tests use)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Test image server: paths pick the behaviour."""
 
@@ -276,6 +413,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(302, headers={"Location": f"http://img.test:{port}/redirect-loop"})
         elif self.path == "/redirect-file":
             self._send(302, headers={"Location": "file:///etc/passwd"})
+        elif self.path.startswith("/redirect-to?"):
+            self._send(302, headers={"Location": unquote(self.path.partition("?")[2])})
+        elif self.path == "/drip-headers":
+            # A valid status line, then a header one byte at a time: each read gets a byte well within any socket
+            # timeout, so only a deadline over the whole response ends it. Stops once the client has gone.
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Drip: ")
+                for _ in range(int(DRIP_SECONDS / DRIP_INTERVAL)):
+                    self.wfile.write(b"a")
+                    time.sleep(DRIP_INTERVAL)
+                self.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+            self.close_connection = True
         elif self.path == "/page":
             self._send(200, b"<html></html>", {"Content-Type": "text/html; charset=utf-8"})
         elif self.path == "/big-declared":
@@ -327,13 +478,27 @@ def loopback_ok(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 def fetch(port: int, path: str, **kwargs) -> bytes:
     """Fetch from the local test server under the name img.test (resolved by a fake DNS)."""
     kwargs.setdefault("max_bytes", MAX)
+    kwargs.setdefault("resolve", fake_dns({"img.test": ["127.0.0.1"]}))
     return fetch_url(
         f"http://img.test:{port}{path}",
-        resolve=fake_dns({"img.test": ["127.0.0.1"]}),
         allow=loopback_ok,
         allowed_ports=frozenset({port}),
         **kwargs,
     )
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every address the fetcher opens a TCP connection to."""
+    opened: list[str] = []
+    real = socket.create_connection
+
+    def spy(address, *args, **kwargs):
+        opened.append(address[0])
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(uploads.socket, "create_connection", spy)
+    return opened
 
 
 def test_fetch_connects_to_the_checked_ip_with_the_original_host(image_server: int):
@@ -369,6 +534,111 @@ def test_fetch_total_time_is_capped(image_server: int):
     with pytest.raises(UploadError, match="too long"):
         fetch(image_server, "/slow", timeout=1.0)
     assert time.monotonic() - start < 3
+
+
+# Generous margin over the deadline: the behaviour under test is "ends at the deadline" instead of "ends when the
+# server stops" (DRIP_SECONDS), and this 2-core machine may be busy with other test runs.
+DEADLINE = 1.5
+MARGIN = 4.0
+
+
+def test_header_dripping_server_is_cut_at_the_deadline(image_server: int):
+    start = time.monotonic()
+    with pytest.raises(UploadError, match="took too long to answer"):
+        fetch(image_server, "/drip-headers", timeout=DEADLINE)
+    assert time.monotonic() - start < DEADLINE + MARGIN
+
+
+def test_slow_name_lookup_counts_against_the_deadline(image_server: int, connections: list[str]):
+    def slow_dns(host: str, port: int) -> list[str]:
+        time.sleep(DEADLINE + MARGIN + 1)  # then a valid answer: only the deadline can stop the fetch
+        return ["127.0.0.1"]
+
+    start = time.monotonic()
+    with pytest.raises(UploadError, match="took too long to answer"):
+        fetch(image_server, "/img.jpg", timeout=DEADLINE, resolve=slow_dns)
+    assert time.monotonic() - start < DEADLINE + MARGIN
+    assert connections == []
+
+
+@pytest.fixture
+def tls_dripper() -> Iterator[int]:
+    """A TCP server that answers a TLS ClientHello with a handshake record one byte at a time; yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(DRIP_SECONDS)
+    stop = threading.Event()
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            # record header: handshake, TLS 1.2, 16 KiB long; then its body, byte by byte
+            for byte in b"\x16\x03\x03\x40\x00" + b"\x02" * 100:
+                if stop.wait(DRIP_INTERVAL):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+    thread.join(5)
+
+
+def test_tls_handshake_counts_against_the_deadline(tls_dripper: int):
+    start = time.monotonic()
+    with pytest.raises(UploadError, match="took too long to answer"):
+        fetch_url(
+            f"https://img.test:{tls_dripper}/a.jpg",
+            MAX,
+            timeout=DEADLINE,
+            resolve=fake_dns({"img.test": ["127.0.0.1"]}),
+            allow=loopback_ok,
+            allowed_ports=frozenset({tls_dripper}),
+            ssl_context=ssl.create_default_context(),
+        )
+    assert time.monotonic() - start < DEADLINE + MARGIN
+
+
+METADATA_URL = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        METADATA_URL,
+        "http://[::ffff:169.254.169.254]/latest/meta-data/",
+        "http://2852039166/latest/meta-data/",  # 169.254.169.254 as one decimal number
+        "http://0xa9.0xfe.0xa9.0xfe/latest/meta-data/",
+        "http://metadata.test/latest/meta-data/",  # a name that resolves to it
+        "https://metadata.test/latest/meta-data/",
+    ],
+)
+def test_redirect_to_the_metadata_service_is_refused(image_server: int, connections: list[str], location: str):
+    table = {"img.test": ["127.0.0.1"], "metadata.test": ["169.254.169.254"]}
+
+    def dns(host: str, port: int) -> list[str]:
+        return table[host] if host in table else resolve_host(host, port)  # numeric spellings: the real resolver
+
+    with pytest.raises(UploadError) as err:
+        fetch(image_server, "/redirect-to?" + quote(location, safe=""), resolve=dns)
+    message = str(err.value)
+    assert "redirected to" in message and "private or reserved" in message and "Nothing was fetched" in message
+    assert connections == ["127.0.0.1"]  # the allowed first hop only
+
+
+def test_redirect_back_to_a_name_that_now_resolves_to_the_metadata_service(image_server: int, connections: list):
+    answers = iter([["127.0.0.1"], ["169.254.169.254"]])  # DNS rebinding between two hops
+
+    with pytest.raises(UploadError, match="redirected to .* private or reserved"):
+        fetch(image_server, "/redirect-to?" + quote("/img.jpg", safe=""), resolve=lambda host, port: next(answers))
+    assert connections == ["127.0.0.1"]
 
 
 def test_fetch_refuses_loopback_under_the_default_policy(image_server: int):

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from lib.dashboard.settings import dashboard_params, env_int, upload_limits
-from lib.dashboard.uploads import UploadError, decode_image, fetch_url
+from lib.dashboard.uploads import SUPPORTED, UploadError, decode_image, fetch_url
 from lib.files import MIB, read_json
 from lib.metrics import SUMMARY_METRICS
 from lib.params import DEFAULT_PARAMS, DashboardParams, ParamsError
@@ -35,7 +36,12 @@ THUMB_SIDE = 320
 OVERLAY_SIDE = 224
 KEEP_RESULTS = 24
 OCCLUSION_GRID = 8
+# The file chooser's filter: image/* alone hides .heic files where the system has no MIME type for them.
+UPLOAD_ACCEPT = "image/*,.heic,.heif"
 URL_TIMEOUT_S = 10.0
+DEMO_SOURCE = "embedded"  # data.source of the generated stick-figure images (lib/demo/synthetic.py)
+REAL_PROFILE = "params/har_vit.yaml"
+DEMO_CARD_NOTE = "Demo model, trained on generated stick figures only: this answer says nothing about a real photo."
 
 
 # --------------------------------------------------------------------------- settings
@@ -78,6 +84,12 @@ class ModelBundle:
     metrics: dict[str, float] = field(default_factory=dict)
     served: dict[str, Any] = field(default_factory=dict)  # metrics.json["served"]: what this predictor achieves
     patch_grid: int = OCCLUSION_GRID
+    data_source: str | None = None  # what the version was trained on (see training_data_source)
+
+    @property
+    def is_demo(self) -> bool:
+        """True when the model was trained on the embedded generated images, not on photos."""
+        return self.data_source == DEMO_SOURCE
 
 
 @dataclass
@@ -99,6 +111,24 @@ def model_folder(p: DashboardParams, environ: Mapping[str, str] | None = None) -
     from lib.registry.pull import pull
 
     return pull(p.registry, p.model_name, p.version)
+
+
+def training_data_source(metrics: Mapping[str, Any], params_tree: Any) -> str | None:
+    """The training data source of a version: metrics.json's data.source, else params.yaml's data.source (the
+    pipeline writes its params resolved, so the key is there); None when the version records neither."""
+    for tree in (metrics, params_tree):
+        data = tree.get("data") if isinstance(tree, Mapping) else None
+        if isinstance(data, Mapping) and data.get("source"):
+            return str(data["source"])
+    return None
+
+
+def read_params_tree(path: Path) -> Any:
+    """A version's params.yaml as plain data (None if it is missing or unreadable)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def load_bundle(p: DashboardParams, environ: Mapping[str, str] | None = None) -> ModelBundle:
@@ -125,6 +155,7 @@ def load_bundle(p: DashboardParams, environ: Mapping[str, str] | None = None) ->
         metrics=summary,
         served=metrics["served"] if isinstance(metrics.get("served"), dict) else {},
         patch_grid=max(2, grid),
+        data_source=training_data_source(metrics, read_params_tree(root / "params.yaml")),
     )
 
 
@@ -280,8 +311,22 @@ def short_time(iso: str) -> str:
     return f"{stamp:%Y-%m-%d %H:%M} UTC"
 
 
+def render_demo_warning(bundle: ModelBundle) -> str:
+    """A plain warning for a model trained on the embedded generated images ('' for any other model)."""
+    if not bundle.is_demo:
+        return ""
+    return (
+        '<div class="har-demo-model" role="note" '
+        'style="margin:6px 0;padding:6px 8px;background:#fff6d6;border-left:4px solid #e0a800">'
+        "<b>Demo model: not for real photos.</b> It was trained only on generated stick figures "
+        f"(<code>data.source: {_e(bundle.data_source)}</code>), never on photos of people, so its answers for a "
+        "real photo mean nothing, however high the percentage. To classify real photos, train and publish the real "
+        f"profile <code>{_e(REAL_PROFILE)}</code> and serve that model.</div>"
+    )
+
+
 def render_model_info(bundle: ModelBundle, p: DashboardParams) -> str:
-    """The model panel: name, version, date, test metrics, backend, known classes."""
+    """The model panel: name, version, date, training data warning, test metrics, backend, known classes."""
     metrics = " · ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in bundle.metrics.items()) or "no metrics recorded"
     sv = bundle.served
     served = (
@@ -295,13 +340,23 @@ def render_model_info(bundle: ModelBundle, p: DashboardParams) -> str:
     backend = f"{getattr(bundle.predictor, 'backend', '?')}" + (f" ({model_file})" if model_file else "")
     return (
         f'<div class="har-model-info" data-model="{_e(bundle.name)}" data-version="{_e(bundle.version)}" '
-        f'data-backend="{_e(getattr(bundle.predictor, "backend", ""))}">'
+        f'data-backend="{_e(getattr(bundle.predictor, "backend", ""))}" '
+        f'data-data-source="{_e(bundle.data_source or "")}" data-demo="{str(bundle.is_demo).lower()}">'
         f"<b>Model</b> {_e(bundle.name)} · version <code>{_e(bundle.version)}</code>"
         + (f" · published {_e(short_time(bundle.created))}" if bundle.created else "")
+        + render_demo_warning(bundle)
         + f"<br><b>Test metrics</b> {_e(metrics)}"
         + (f"<br><b>As served</b> {_e(served)}" if served else "")
         + f"<br><b>Runtime</b> {_e(backend)} on {_e(p.device)} · top {p.top_k}"
         f"<details><summary>{len(bundle.predictor.labels)} actions it knows</summary>{labels}</details></div>"
+    )
+
+
+def render_hint(p: DashboardParams) -> str:
+    """The upload help line: accepted formats and the size cap."""
+    return (
+        f'<div class="har-hint">Upload photos of people ({_e(SUPPORTED)}; up to {upload_limits(p)[0] / MIB:g} MiB '
+        "each) or paste an image URL. Photos are classified in memory and not stored.</div>"
     )
 
 
@@ -378,6 +433,8 @@ def handle_image(
         log.info("refused %r (%d bytes): %s", name, len(data), exc)
         return render_error(name, str(exc))
     notes = list(notes or [])
+    if bundle.is_demo:
+        notes.append(DEMO_CARD_NOTE)
     if img.info.get("animated"):
         notes.append("Animated image: the first frame was classified.")
     try:
@@ -431,14 +488,10 @@ def build_app(bundle: ModelBundle, p: DashboardParams) -> Any:
     """The widget tree: upload button, URL box, occlusion toggle, status line, model panel, results."""
     import ipywidgets as widgets
 
-    title = widgets.HTML(
-        '<h2>What are they doing?</h2><div class="har-hint">Upload photos of people (JPEG, PNG, GIF, WebP, '
-        f"BMP, TIFF; up to {upload_limits(p)[0] / MIB:g} MiB each) or paste an image URL. "
-        "Photos are classified in memory and not stored.</div>"
-    )
+    title = widgets.HTML(f"<h2>What are they doing?</h2>{render_hint(p)}")
     info = widgets.HTML(render_model_info(bundle, p))
     upload = widgets.FileUpload(
-        accept="image/*",
+        accept=UPLOAD_ACCEPT,
         multiple=True,
         description="Upload photos",
         button_style="primary",
