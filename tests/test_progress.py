@@ -13,54 +13,17 @@ import threading
 import time
 import urllib.request
 
-import datasets
-import numpy as np
 import psutil
 import pytest
 import torch
-from PIL import Image
+from test_train import prepared_run, tiny_params  # one tiny run folder recipe for the training tests
 
 from lib import pipeline as P
 from lib import train as T
-from lib.params import ROOT, Params, ParamsError, TrainParams, load_params, run_dir
+from lib.params import ROOT, ParamsError, TrainParams, load_params, run_dir
 
 torch.set_num_threads(2)
-CLASSES = [f"action{i}" for i in range(15)]
-SPLIT_SIZES = {"train": 60, "validation": 15, "test": 5}  # batch 6: 10 optimizer steps per epoch
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-
-
-def prepared_run(tmp_path):
-    """A run folder whose data/ holds small random images in train/validation/test, as the prepare stage saves."""
-    rng = np.random.default_rng(0)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
-    parts = {}
-    for split, n in SPLIT_SIZES.items():
-        labels = [i % len(CLASSES) for i in range(n)]
-        images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in labels]
-        parts[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
-    out = tmp_path / "run"
-    datasets.DatasetDict(parts).save_to_disk(str(out / "data"))
-    return out
-
-
-def tiny_params(tmp_path, **train):
-    return Params.model_validate(
-        {
-            "run": {"output_root": str(tmp_path)},
-            "model": {
-                "config": {
-                    "image_size": 16,
-                    "patch_size": 8,
-                    "hidden_size": 16,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 2,
-                    "intermediate_size": 32,
-                }
-            },
-            "train": {"epochs": 2, "batch_size": 6, "learning_rate": 1e-3, "torch_threads": 2, **train},
-        }
-    )
 
 
 # --------------------------------------------------------------------------- the callback's lines
@@ -159,7 +122,7 @@ def test_tiny_training_prints_plain_lines_and_writes_event_files_to_runs(tmp_pat
 
     out = prepared_run(tmp_path)
     capsys.readouterr()  # the datasets bars of save_to_disk above
-    T.train(tiny_params(tmp_path), out)
+    T.train(tiny_params(tmp_path, epochs=2), out)
     printed = capsys.readouterr()
     assert "\r" not in printed.out
     assert not re.search(r"\d+/20 \[", printed.err), printed.err  # outside a notebook no tqdm bar over the 20 steps
