@@ -33,3 +33,40 @@ def config_labels(model_dir: str | Path) -> list[str]:
     """Label names in class-index order from a saved model's config.json (plain json: no transformers import)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     return [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]
+
+
+class LabelMismatchError(ValueError):
+    """A saved model's class names are not its dataset's, in the dataset's order (a corrupted or foreign config)."""
+
+
+def check_labels(model_dir: str | Path, dataset_names: list[str] | tuple[str, ...]) -> list[str]:
+    """Check that a saved model's config.json maps index i to the dataset's i-th ClassLabel name, both ways (id2label
+    and label2id); return the names, or raise LabelMismatchError listing every index that differs.
+
+    A permuted id2label loads and predicts without any error: the logits are right and every name printed for them
+    is wrong. The evaluate and export stages can call this with `lib.data.class_names(split)` before trusting names.
+    """
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    expected = list(dataset_names)
+    id2label = {str(k): v for k, v in (cfg.get("id2label") or {}).items()}
+    label2id = cfg.get("label2id") or {}
+    problems = []
+    if len(id2label) != len(expected):
+        problems.append(f"id2label has {len(id2label)} classes, the dataset {len(expected)}")
+    problems += [
+        f"id2label[{i}] is {id2label.get(str(i))!r}, the dataset's class {i} is {name!r}"
+        for i, name in enumerate(expected)
+        if id2label.get(str(i)) != name
+    ]
+    if label2id:  # transformers writes both maps; a hand-edited config may disagree with itself
+        problems += [
+            f"label2id[{name!r}] is {label2id.get(name)!r}, not {i}"
+            for i, name in enumerate(expected)
+            if label2id.get(name) != i
+        ]
+    if problems:
+        raise LabelMismatchError(
+            f"{path} does not match the dataset's class names ({len(problems)} differences): " + "; ".join(problems)
+        )
+    return expected

@@ -353,6 +353,7 @@ def send_tensorboard_to(trainer: Any, folder: Path) -> None:
 def train(params: Params, out: Path) -> dict:
     """Train on the prepared splits; save the best model to out/model and the history; return a summary."""
     import torch
+    from transformers import set_seed
 
     from lib.data import class_names, eval_batch_transform, load_splits, train_batch_transform
     from lib.model import build_model, count_parameters, save_model
@@ -362,6 +363,7 @@ def train(params: Params, out: Path) -> dict:
         torch.set_num_threads(tp.torch_threads)
     splits = load_splits(out / "data")
     labels = class_names(splits["train"])
+    set_seed(params.run.seed)  # the Trainer seeds only after the model exists: seed its new head and weights too
     model, processor, spec = build_model(params.model, labels)
     train_ds = splits["train"].with_transform(train_batch_transform(spec, tp.augment.model_dump()))
     trainer = build_trainer(

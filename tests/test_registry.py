@@ -11,6 +11,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from huggingface_hub import ModelCard
 from PIL import Image
 
 import lib.registry.__main__ as registry_cli
@@ -206,6 +207,57 @@ def test_publish_uploads_verified_version_and_moves_latest(run: Path, reg: str):
     assert record["published"] and record["version"] == version and record["url"].endswith(f"har-vit/{version}")
 
 
+def published_card(run: Path, tmp_path: Path) -> ModelCard:
+    """Publish run to a local registry and read the version's README.md back as a Hugging Face model card."""
+    reg = tmp_path / "registry"
+    version = publish(run, str(reg), "har-vit", GATE)["version"]
+    return ModelCard.load(reg / "har-vit" / version / "README.md")
+
+
+def test_card_front_matter_names_hub_model_dataset_and_test_metrics(run: Path, tmp_path: Path):
+    hub = {"data": {"source": "hub", "test_fraction": 0.2}, "model": {"source": "hub"}}
+    save_params(
+        Params.model_validate({"run": {"name": "run1", "output_root": str(run.parent)}, **hub}), run / "params.yaml"
+    )
+    card = published_card(run, tmp_path)
+    data, metrics = card.data, json.loads((run / "metrics.json").read_text())
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "image-classification")
+    assert data.base_model == "google/vit-base-patch16-224"
+    assert data.datasets == ["Bingsu/Human_Action_Recognition"]
+    assert {"vision-transformer", "human-action-recognition", "image-classification"} <= set(data.tags)
+    assert data.license is None  # nothing in params says which license applies
+    assert data.model_name == "har-vit"
+    results = {(r.metric_type, r.metric_config): r for r in data.eval_results}
+    assert set(results) == {("accuracy", None), ("f1", None), ("accuracy", "served")}
+    assert results["accuracy", None].metric_value == metrics["accuracy"]
+    assert results["f1", None].metric_value == metrics["f1_weighted"]
+    assert results["f1", None].metric_args == {"average": "weighted"}
+    assert results["accuracy", "served"].metric_value == metrics["served"]["accuracy"]
+    for r in data.eval_results:  # the test part of the labelled train split, not HAR's unlabelled test split
+        assert (r.task_type, r.dataset_type, r.dataset_split) == (
+            "image-classification",
+            "Bingsu/Human_Action_Recognition",
+            "train",
+        )
+        assert r.dataset_args == {"test_fraction": 0.2, "seed": 42}
+    assert card.text.lstrip().startswith("# har-vit — version ")  # the Markdown body follows the front matter
+    assert "| sitting |" in card.text and "![confusion matrix](confusion_matrix.png)" in card.text
+
+
+def test_card_front_matter_of_a_config_built_model_on_generated_data(run: Path, tmp_path: Path):
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["served"]  # not exported: no served accuracy
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    data = published_card(run, tmp_path).data
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "image-classification")
+    assert data.base_model is None and data.datasets is None  # no Hub id to point at
+    assert [(r.metric_type, r.metric_value) for r in data.eval_results] == [
+        ("accuracy", metrics["accuracy"]),
+        ("f1", metrics["f1_weighted"]),
+    ]
+    assert {(r.dataset_type, r.dataset_split) for r in data.eval_results} == {("embedded", "test")}
+
+
 def test_gate_failure_uploads_nothing(run: Path, reg: str):
     if reg.startswith("s3://"):
         boto3.client("s3").create_bucket(Bucket=reg[5:].split("/")[0])
@@ -240,11 +292,11 @@ def test_upload_dying_midway_keeps_previous_latest(
     real_put = backend.put_file
     calls = []
 
-    def dying_put(self, key, path):
+    def dying_put(self, key, path, progress=None):
         calls.append(key)
         if len(calls) > 3:
             raise ConnectionError("network dropped")
-        real_put(self, key, path)
+        real_put(self, key, path, progress)
 
     monkeypatch.setattr(backend, "put_file", dying_put)
     with pytest.raises(ConnectionError):
@@ -271,7 +323,7 @@ def test_bytes_altered_in_transit_fail_verification(
     bad = tmp_path / "bad.bin"
     bad.write_bytes(os.urandom(4096))  # same size as the model, other bytes
 
-    def altering_put(self, key, path):
+    def altering_put(self, key, path, progress=None):
         real_put(self, key, bad if key.endswith("model.safetensors") else path)
 
     monkeypatch.setattr(backend, "put_file", altering_put)

@@ -1,13 +1,25 @@
-"""The model card (README.md of a version): data, recipe, metrics, per-class table, confusion matrix."""
+"""The model card (README.md of a version): Hugging Face metadata, data, recipe, metrics, per-class table, confusion
+matrix.
+
+The card opens with the YAML front matter the Hugging Face Hub reads (library, pipeline tag, base model, dataset,
+tags, and a model-index with the test metrics), written with huggingface_hub's ModelCard / ModelCardData, so the
+version folder can be uploaded to the Hub as it is and `ModelCard.load` reads the metadata back.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lib.params import flatten
 from lib.registry.storage import MANIFEST
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
+
+TAGS = ("vision-transformer", "human-action-recognition", "image-classification")
+TASK = "image-classification"
 
 
 def metrics_summary(metrics: dict) -> dict[str, float | int]:
@@ -34,6 +46,69 @@ def _table(rows: Iterable[tuple[Any, ...]], header: tuple[str, ...], fixed: bool
     return lines
 
 
+def _eval_dataset(data: dict) -> dict[str, Any]:
+    """The model-index dataset fields of the test split this run was evaluated on."""
+    held_out = {key: data[key] for key in ("test_fraction", "seed") if key in data}
+    source = data.get("source", "embedded")
+    if source == "hub":
+        hub_id, split = str(data.get("hub_id")), str(data.get("hub_split", "train"))
+        # The Hub split is the labelled one the test part was carved from (HAR's own `test` split has no labels):
+        # naming `test` here would claim a result on that split.
+        return {
+            "dataset_type": hub_id,
+            "dataset_name": f"{hub_id} ({split} split, held-out test part)",
+            "dataset_split": split,
+            "dataset_args": held_out or None,
+        }
+    name = (
+        "generated stick figures (lib/demo/synthetic.py)"
+        if source == "embedded"
+        else f"image folder {Path(str(data.get('path') or '')).name}"
+    )
+    return {"dataset_type": source, "dataset_name": name, "dataset_split": "test", "dataset_args": held_out or None}
+
+
+def card_data(model_name: str, metrics: dict, params: dict) -> ModelCardData:
+    """Hugging Face card metadata: library, task, base model and dataset when they are on the Hub, tags, and the
+    test metrics (accuracy, weighted F1, the served file's accuracy) as a model-index."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    data, model = params.get("data", {}) or {}, params.get("model", {}) or {}
+    dataset = _eval_dataset(data)
+
+    def result(metric_type: str, value: Any, name: str, **extra: Any) -> EvalResult:
+        return EvalResult(
+            task_type=TASK, metric_type=metric_type, metric_value=value, metric_name=name, **dataset, **extra
+        )
+
+    results = []
+    if isinstance(metrics.get("accuracy"), (int, float)):
+        results.append(result("accuracy", metrics["accuracy"], "Test accuracy"))
+    if isinstance(metrics.get("f1_weighted"), (int, float)):
+        results.append(result("f1", metrics["f1_weighted"], "Test F1 (weighted)", metric_args={"average": "weighted"}))
+    served = metrics.get("served") if isinstance(metrics.get("served"), dict) else {}
+    if isinstance(served.get("accuracy"), (int, float)):
+        results.append(
+            result(
+                "accuracy",
+                served["accuracy"],
+                f"Test accuracy as served ({served.get('file')}, {served.get('variant')}, one view)",
+                metric_config="served",
+            )
+        )
+    return ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag=TASK,
+        # A local folder or a config-built model has no Hub id to point at.
+        base_model=model.get("name_or_path") if model.get("source") == "hub" else None,
+        datasets=[data["hub_id"]] if data.get("source") == "hub" and data.get("hub_id") else None,
+        tags=list(TAGS),
+        metrics=["accuracy", "f1"],
+        eval_results=results or None,
+    )
+
+
 def model_card(
     model_name: str,
     version: str,
@@ -43,7 +118,10 @@ def model_card(
     data_summary: dict | None,
     files: list[str],
 ) -> str:
-    """Markdown model card: data, recipe, metrics, per-class table, confusion matrix."""
+    """Model card: Hugging Face front matter (card_data), then data, recipe, metrics, per-class table, confusion
+    matrix in Markdown."""
+    from huggingface_hub import ModelCard
+
     run, data = params.get("run", {}) or {}, params.get("data", {}) or {}
     model, train = params.get("model", {}) or {}, params.get("train", {}) or {}
     per_class = metrics.get("per_class") or {}
@@ -157,4 +235,5 @@ def model_card(
     for png in pngs:
         if png != "confusion_matrix.png":
             lines += ["", f"![{png[:-4].replace('_', ' ')}]({png})"]
-    return "\n".join(lines) + "\n"
+    meta = card_data(model_name, metrics, params).to_yaml()
+    return str(ModelCard(f"---\n{meta}\n---\n\n" + "\n".join(lines) + "\n"))
