@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lib.files import MIB
 from lib.labels import config_labels
 from lib.metrics import update_metrics
 from lib.params import ExportParams, Params
@@ -267,7 +268,7 @@ def latency_ms(predictor: Predictor, images: list[Any], warmup: int = 2) -> floa
 
 def size_mib(path: Path) -> float:
     """File size in MiB."""
-    return round(Path(path).stat().st_size / 2**20, 1)
+    return round(Path(path).stat().st_size / MIB, 1)
 
 
 def export_model(

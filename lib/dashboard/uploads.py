@@ -1,4 +1,5 @@
-"""User-supplied images: safe decoding of uploaded bytes and guarded fetching of image URLs."""
+"""User-supplied images, imported by each dashboard kernel: safe decoding of uploaded bytes and guarded fetching of
+image URLs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from lib.files import MIB
 from lib.transforms import to_rgb
 
 try:
@@ -26,7 +28,6 @@ else:
     # Only the primary image: thumbnails, depth maps and auxiliary images are never decoded.
     pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
-MIB = 1024 * 1024
 # The only Pillow decoders user bytes ever reach (Image.open(formats=...)). Pillow's JPEG opener also reads MPO,
 # the multi-picture JPEG some phones write. Everything else (PSD, EPS through Ghostscript, FITS, ICO ...) is refused
 # before any of its parsers runs.

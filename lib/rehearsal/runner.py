@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from lib.files import read_json
+from lib.files import MIB, read_json
 from lib.params import ROOT, TrainParams, flatten, load_params, parse_override
 from lib.rehearsal.fake_s3 import FAKE_AWS_ENV, UNSET_AWS_ENV, free_port, start_moto
 
@@ -59,7 +59,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-MIB = 2**20
 SAMPLE_S = 0.2  # RSS sampling period; spikes shorter than this can be missed
 STEP_TIMEOUT_S = 1800  # a hung step is killed and reported, the rehearsal goes on
 PAGE_TIMEOUT_S = 600  # the kernel pulls ~750 MB from the moto S3 and hashes it before the page shows
