@@ -1060,6 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the rehearsal (or print its plan); 0 only when every step passed."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):  # one INFO line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         extra = dict(parse_override(s) for s in args.overrides)
         check_overrides(extra)  # refused before anything heavy starts
