@@ -289,17 +289,9 @@ def run_cli(*args, timeout=900):
 @pytest.mark.integration
 def test_retrained_run_is_not_published_with_stale_metrics(tmp_path):
     """prepare, train, evaluate; train again; publish refuses (runner and notebook) and the registry stays empty."""
-    sets = [
-        f"run.output_root={tmp_path / 'outputs'}",
-        "data.embedded.images_per_class=10",
-        "data.val_fraction=0.15",
-        "data.test_fraction=0.2",
-        "train.epochs=1",
-        "evaluate.n_mistakes=4",
-        f"publish.registry={tmp_path / 'registry'}",
-        "publish.gate.enabled=false",
-    ]
-    shrunk = [arg for item in sets for arg in ("--set", item)]
+    from test_pipeline import shrunk as shrunk_demo  # the shrunken demo profile of the pipeline tests
+
+    shrunk = shrunk_demo(tmp_path)
     out = tmp_path / "outputs" / "demo"
     res = run_cli("--stages", "prepare,train,evaluate", *shrunk)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
