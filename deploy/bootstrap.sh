@@ -1,35 +1,53 @@
 #!/usr/bin/env bash
-# Install and start the dashboard on a Debian 12 / Ubuntu 24.04 EC2 instance (Python 3.11-3.12). EC2 user-data; re-runnable.
+# Install and start the dashboard behind nginx on a Debian 12 / Ubuntu 24.04 host (Python 3.11-3.12). Re-runnable.
 #
 #   HAR_REPO_URL=https://git.example.com/you/har-vit.git HAR_REGISTRY=s3://my-bucket/models \
-#     bash deploy/bootstrap.sh
+#     HAR_DOMAIN=har.example.com HAR_CERT_EMAIL=ops@example.com HAR_BASIC_AUTH_USER=team bash deploy/bootstrap.sh
 #
-# Steps: apt packages -> service user -> code (git clone/update, or code already in HAR_APP_DIR) -> venv +
-# pip install -e . -> pull the model from the registry (verified, cached) -> env file -> systemd unit -> start.
+# Steps: apt packages -> service user -> code (git clone/update, or code already in HAR_APP_DIR) -> venv with the
+# serving install only (pip install -e ., no torch) -> pull the model from the registry (verified, cached) and point
+# HAR_STATE_DIR/current-model at it -> env file -> nginx (TLS, optional basic auth, limits) -> systemd unit -> start.
+# `--model-only` does the pull and the link alone: new page loads get the new version, open pages keep theirs
+# (registry and model name default to the env file's; HAR_MODEL_VERSION=<version> pins one, e.g. to roll back).
 # Variables (defaults in brackets):
 #   HAR_REGISTRY        registry URL, s3://bucket/prefix or a folder (required)
-#   HAR_MODEL_NAME      [har-vit]      HAR_MODEL_VERSION [latest]
+#   HAR_MODEL_NAME      [har-vit]      HAR_MODEL_VERSION [latest]  (a version name pins it)
 #   HAR_REPO_URL        git URL to clone into HAR_APP_DIR (unset: HAR_APP_DIR must already hold the code)
 #   HAR_REPO_REF        [main]         branch, tag or commit to check out
 #   HAR_APP_DIR         [/opt/har-vit] HAR_USER [har]  HAR_STATE_DIR [/var/lib/har-vit]
 #   HAR_ENV_FILE        [/etc/har-dashboard.env]        HAR_UNIT_DIR [/etc/systemd/system]
-#   HAR_PORT            [8866]         HAR_BIND [0.0.0.0]
-#   HAR_MAX_KERNELS     [8]            HAR_KERNEL_IDLE_SECONDS [600]   HAR_MAX_UPLOAD_MIB [20]
-#   HAR_PYTHON          [python3]      HAR_PIP_ARGS (extra pip arguments, e.g. a CPU-only PyTorch index)
+#   HAR_PORT            [8866]         HAR_BIND [127.0.0.1]  (Voila; only nginx faces the network)
+#   HAR_PARAMS_FILE, HAR_MAX_KERNELS, HAR_KERNEL_IDLE_SECONDS, HAR_MAX_UPLOAD_MIB, HAR_MAX_PIXELS, HAR_TOP_K,
+#   HAR_THREADS         written to the env file when set (unset: the dashboard's defaults)
+#   HAR_PROXY           [nginx]        none: no proxy (then set HAR_BIND yourself)
+#   HAR_DOMAIN          the site's DNS name; with HAR_CERT_EMAIL: a Let's Encrypt certificate (certbot), else a
+#                       self-signed one.  HAR_NGINX_DIR [/etc/nginx]  HAR_TLS_DIR [HAR_NGINX_DIR/har-dashboard]
+#   HAR_BASIC_AUTH_USER login for the site (unset: no login); HAR_BASIC_AUTH_PASSWORD, else one is generated into
+#                       HAR_TLS_DIR/basic-auth-password (root only). Proxy limits: see deploy/nginx/render.sh.
+#   HAR_ACME_ROOT       [/var/www/har-acme]  webroot of certbot's HTTP-01 challenge
+#   HAR_PYTHON          [python3]      HAR_PIP_ARGS (extra pip arguments)
 #   HAR_SKIP_APT=1      skip apt-get   HAR_SKIP_PIP=1 skip venv creation and pip
-#   HAR_BOOTSTRAP_NO_SYSTEMD=1 (or --no-systemd): no unit install; exec Voila in the foreground instead
+#   HAR_BOOTSTRAP_NO_SYSTEMD=1 (or --no-systemd): no unit install, no nginx reload; exec Voila in the foreground
 #   HAR_BOOTSTRAP_NO_START=1   (or --no-start): do every step but start nothing
 set -euo pipefail
 
+MODEL_ONLY=0
 for arg in "$@"; do
   case "$arg" in
     --no-systemd) HAR_BOOTSTRAP_NO_SYSTEMD=1 ;;
     --no-start) HAR_BOOTSTRAP_NO_START=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --model-only) MODEL_ONLY=1 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "bootstrap: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
 
+# A re-run (--model-only especially) takes the registry and the model name from the env file an earlier run wrote.
+PREVIOUS_ENV=${HAR_ENV_FILE:-/etc/har-dashboard.env}
+if [ -z "${HAR_REGISTRY:-}" ] && [ -r "$PREVIOUS_ENV" ]; then
+  HAR_REGISTRY=$(sed -n 's/^HAR_REGISTRY=//p' "$PREVIOUS_ENV")
+  HAR_MODEL_NAME=${HAR_MODEL_NAME:-$(sed -n 's/^HAR_MODEL_NAME=//p' "$PREVIOUS_ENV")}
+fi
 : "${HAR_REGISTRY:?set HAR_REGISTRY to s3://bucket/prefix (or a registry folder)}"
 HAR_MODEL_NAME=${HAR_MODEL_NAME:-har-vit}
 HAR_MODEL_VERSION=${HAR_MODEL_VERSION:-latest}
@@ -41,10 +59,19 @@ HAR_STATE_DIR=${HAR_STATE_DIR:-/var/lib/har-vit}
 HAR_ENV_FILE=${HAR_ENV_FILE:-/etc/har-dashboard.env}
 HAR_UNIT_DIR=${HAR_UNIT_DIR:-/etc/systemd/system}
 HAR_PORT=${HAR_PORT:-8866}
-HAR_BIND=${HAR_BIND:-0.0.0.0}
-HAR_MAX_KERNELS=${HAR_MAX_KERNELS:-8}
-HAR_KERNEL_IDLE_SECONDS=${HAR_KERNEL_IDLE_SECONDS:-600}
-HAR_MAX_UPLOAD_MIB=${HAR_MAX_UPLOAD_MIB:-20}
+HAR_BIND=${HAR_BIND:-127.0.0.1}
+# Unset: the env file leaves them out and the dashboard's own defaults apply (lib/dashboard, params/demo.yaml).
+OPTIONAL_SETTINGS=(HAR_PARAMS_FILE HAR_MAX_KERNELS HAR_KERNEL_IDLE_SECONDS HAR_MAX_UPLOAD_MIB HAR_MAX_PIXELS HAR_TOP_K
+  HAR_THREADS HAR_CONNECT_GRACE_SECONDS HAR_IDLE_EVICT_SECONDS HAR_UNCONNECTED_SECONDS HAR_ADMISSION_WAIT_SECONDS
+  HAR_CULL_INTERVAL_SECONDS)
+HAR_PROXY=${HAR_PROXY:-nginx}
+HAR_DOMAIN=${HAR_DOMAIN:-}
+HAR_CERT_EMAIL=${HAR_CERT_EMAIL:-}
+HAR_NGINX_DIR=${HAR_NGINX_DIR:-/etc/nginx}
+HAR_TLS_DIR=${HAR_TLS_DIR:-$HAR_NGINX_DIR/har-dashboard}
+HAR_ACME_ROOT=${HAR_ACME_ROOT:-/var/www/har-acme}
+HAR_BASIC_AUTH_USER=${HAR_BASIC_AUTH_USER:-}
+HAR_BASIC_AUTH_PASSWORD=${HAR_BASIC_AUTH_PASSWORD:-}
 HAR_PYTHON=${HAR_PYTHON:-python3}
 HAR_PIP_ARGS=${HAR_PIP_ARGS:-}
 HAR_SKIP_APT=${HAR_SKIP_APT:-0}
@@ -53,7 +80,11 @@ HAR_BOOTSTRAP_NO_SYSTEMD=${HAR_BOOTSTRAP_NO_SYSTEMD:-0}
 HAR_BOOTSTRAP_NO_START=${HAR_BOOTSTRAP_NO_START:-0}
 SERVICE=har-dashboard
 CACHE_DIR="$HAR_STATE_DIR/registry-cache"
+# HAR_MODEL_DIR names this link, never a version folder: moving it rolls the model without a restart.
+CURRENT_MODEL="$HAR_STATE_DIR/current-model"
 VENV="$HAR_APP_DIR/.venv"
+SITE="$HAR_NGINX_DIR/conf.d/$SERVICE.conf"
+NGINX_GROUP=www-data  # Debian's nginx workers: they read the basic-auth file
 
 log() { echo "[bootstrap] $*" >&2; }
 
@@ -62,18 +93,24 @@ as_user() {
   if [ "$(id -un)" = "$HAR_USER" ]; then "$@"; else runuser -u "$HAR_USER" -- "$@"; fi
 }
 
+case "$HAR_PROXY" in nginx|none) ;; *) log "HAR_PROXY must be nginx or none, not '$HAR_PROXY'"; exit 2 ;; esac
+if [ -n "$HAR_CERT_EMAIL" ] && [ -z "$HAR_DOMAIN" ]; then log "HAR_CERT_EMAIL needs HAR_DOMAIN"; exit 2; fi
+
 install_packages() {
   if [ "$HAR_SKIP_APT" = 1 ]; then log "skipping apt (HAR_SKIP_APT=1)"; return; fi
   log "installing apt packages"
   export DEBIAN_FRONTEND=noninteractive
+  local packages=(python3 python3-venv python3-pip git ca-certificates)
+  if [ "$HAR_PROXY" = nginx ]; then packages+=(nginx openssl); fi
+  if [ -n "$HAR_CERT_EMAIL" ]; then packages+=(certbot); fi
   apt-get update -q
-  apt-get install -y -q --no-install-recommends python3 python3-venv python3-pip git ca-certificates
+  apt-get install -y -q --no-install-recommends "${packages[@]}"
 }
 
 create_user() {
   if id -u "$HAR_USER" >/dev/null 2>&1; then return; fi
   log "creating system user $HAR_USER"
-  useradd --system --home-dir "$HAR_STATE_DIR" --no-create-home --shell /usr/sbin/nologin "$HAR_USER"
+  useradd --system --user-group --home-dir "$HAR_STATE_DIR" --no-create-home --shell /usr/sbin/nologin "$HAR_USER"
 }
 
 fetch_code() {
@@ -100,10 +137,11 @@ install_python() {
     log "creating $VENV"
     "$HAR_PYTHON" -m venv "$VENV"
   fi
-  log "pip install -e $HAR_APP_DIR"
-  # shellcheck disable=SC2086  # HAR_PIP_ARGS is a list of words on purpose
+  # The base install only: what serving imports (Voila, ipywidgets, ONNX Runtime, boto3, Pillow + HEIC), no torch,
+  # no transformers. Research adds the `research` extra (make setup).
+  log "pip install -e $HAR_APP_DIR (serving set)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  # shellcheck disable=SC2086
+  # shellcheck disable=SC2086  # HAR_PIP_ARGS is a list of words on purpose
   "$VENV/bin/python" -m pip install --quiet $HAR_PIP_ARGS -e "$HAR_APP_DIR"
   # The dashboard notebook names the project kernel; without it Voila warns and falls back on every page load.
   "$VENV/bin/python" -m ipykernel install --sys-prefix --name har-vit --display-name "HAR-ViT (.venv)" >/dev/null
@@ -125,7 +163,10 @@ pull_model() {
     log "pull did not produce a model folder (got '$MODEL_DIR')"
     exit 1
   fi
-  log "model ready in $MODEL_DIR"
+  # Replace the link in one rename: a kernel starting now sees either the old version or the new one, never none.
+  ln -sfn "$MODEL_DIR" "$CURRENT_MODEL.new"
+  mv -fT "$CURRENT_MODEL.new" "$CURRENT_MODEL"
+  log "model ready in $MODEL_DIR ($CURRENT_MODEL points there)"
 }
 
 write_env() {
@@ -133,21 +174,127 @@ write_env() {
   tmp=$(mktemp "$HAR_ENV_FILE.XXXXXX")
   cat >"$tmp" <<ENV
 # Written by deploy/bootstrap.sh; HAR_* variables override params/demo.yaml's dashboard section.
+# HAR_MODEL_DIR is a link to the pulled version: \`bootstrap.sh --model-only\` moves it (no restart needed).
 HAR_REGISTRY=$HAR_REGISTRY
 HAR_MODEL_NAME=$HAR_MODEL_NAME
-HAR_MODEL_VERSION=$HAR_MODEL_VERSION
-HAR_MODEL_DIR=$MODEL_DIR
+HAR_MODEL_DIR=$CURRENT_MODEL
 HAR_REGISTRY_CACHE=$CACHE_DIR
 HAR_PORT=$HAR_PORT
 HAR_BIND=$HAR_BIND
-HAR_MAX_KERNELS=$HAR_MAX_KERNELS
-HAR_KERNEL_IDLE_SECONDS=$HAR_KERNEL_IDLE_SECONDS
-HAR_MAX_UPLOAD_MIB=$HAR_MAX_UPLOAD_MIB
 ENV
+  local name
+  for name in "${OPTIONAL_SETTINGS[@]}"; do
+    if [ -n "${!name:-}" ]; then echo "$name=${!name}" >>"$tmp"; fi
+  done
   if [ "$(id -u)" = 0 ] && [ "$HAR_USER" != root ]; then chgrp "$(id -gn "$HAR_USER")" "$tmp"; fi
   chmod 0640 "$tmp"
   mv -f "$tmp" "$HAR_ENV_FILE"
   log "wrote $HAR_ENV_FILE"
+}
+
+# A self-signed certificate for HAR_DOMAIN (or this host's name), renewed when it has less than 30 days left.
+self_signed_cert() {
+  local name=${HAR_DOMAIN:-$(hostname -f 2>/dev/null || hostname)}
+  TLS_CERT="$HAR_TLS_DIR/selfsigned.crt"
+  TLS_KEY="$HAR_TLS_DIR/selfsigned.key"
+  if [ -f "$TLS_CERT" ] && openssl x509 -checkend 2592000 -noout -in "$TLS_CERT" >/dev/null; then return; fi
+  log "creating a self-signed certificate for $name"
+  (umask 077 && openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=$name" \
+    -addext "subjectAltName=DNS:$name" -keyout "$TLS_KEY" -out "$TLS_CERT" 2>/dev/null)
+  chmod 0644 "$TLS_CERT"
+}
+
+basic_auth() {
+  HTPASSWD=""
+  if [ -z "$HAR_BASIC_AUTH_USER" ]; then return; fi
+  if [[ ! $HAR_BASIC_AUTH_USER =~ ^[A-Za-z0-9._-]+$ ]]; then
+    log "HAR_BASIC_AUTH_USER may hold letters, digits, '.', '_' and '-' only"
+    exit 2
+  fi
+  HTPASSWD="$HAR_TLS_DIR/htpasswd"
+  local password=$HAR_BASIC_AUTH_PASSWORD saved="$HAR_TLS_DIR/basic-auth-password"
+  if [ -z "$password" ] && [ -f "$HTPASSWD" ] && grep -q "^$HAR_BASIC_AUTH_USER:" "$HTPASSWD"; then
+    return  # keep the existing password
+  fi
+  if [ -z "$password" ]; then
+    password=$(openssl rand -base64 18)
+    (umask 077 && printf '%s\n' "$password" >"$saved")
+    log "generated a password for $HAR_BASIC_AUTH_USER: read it from $saved (root only)"
+  fi
+  local tmp hashed
+  # The password goes through stdin: never on a command line (ps) nor in this log.
+  hashed=$(printf '%s' "$password" | openssl passwd -6 -stdin)
+  tmp=$(mktemp "$HTPASSWD.XXXXXX")
+  printf '%s:%s\n' "$HAR_BASIC_AUTH_USER" "$hashed" >"$tmp"
+  if [ "$(id -u)" = 0 ] && getent group "$NGINX_GROUP" >/dev/null; then chgrp "$NGINX_GROUP" "$tmp"; fi
+  chmod 0640 "$tmp"
+  mv -f "$tmp" "$HTPASSWD"
+}
+
+# Write the site from deploy/nginx/har-dashboard.conf and check the whole nginx configuration; keep the old site
+# when the check fails.
+render_site() {
+  local tmp upload_mib
+  # The proxy's body cap is the dashboard's upload cap, as the dashboard itself resolves it (params + HAR_*).
+  upload_mib=$(cd "$HAR_APP_DIR" && "$VENV/bin/python" -c \
+    'from lib.dashboard.settings import dashboard_params; print(dashboard_params().max_upload_mib)')
+  tmp=$(mktemp "$HAR_TLS_DIR/site.XXXXXX")
+  HAR_TLS_CERT=$TLS_CERT HAR_TLS_KEY=$TLS_KEY HAR_HTPASSWD=$HTPASSWD HAR_HSTS=$1 HAR_DOMAIN=$HAR_DOMAIN \
+    HAR_PORT=$HAR_PORT HAR_MAX_UPLOAD_MIB=$upload_mib HAR_ACME_ROOT=$HAR_ACME_ROOT \
+    bash "$HAR_APP_DIR/deploy/nginx/render.sh" >"$tmp"
+  chmod 0644 "$tmp"
+  if [ -f "$SITE" ]; then cp -p "$SITE" "$HAR_TLS_DIR/site.previous"; fi
+  mv -f "$tmp" "$SITE"
+  if ! nginx -t -q -c "$HAR_NGINX_DIR/nginx.conf"; then
+    log "nginx refused the new configuration; the previous one is kept"
+    if [ -f "$HAR_TLS_DIR/site.previous" ]; then mv -f "$HAR_TLS_DIR/site.previous" "$SITE"; else rm -f "$SITE"; fi
+    exit 1
+  fi
+  log "wrote $SITE (nginx -t passed)"
+}
+
+reload_nginx() {
+  if [ "$HAR_BOOTSTRAP_NO_SYSTEMD" = 1 ] || [ "$HAR_BOOTSTRAP_NO_START" = 1 ]; then return; fi
+  # Out of memory, the kernel must pick a visitor's dashboard kernel (+800), never the proxy: same score as Voila.
+  local dropin=/etc/systemd/system/nginx.service.d
+  if [ ! -f "$dropin/har-oom.conf" ]; then
+    mkdir -p "$dropin"
+    printf '[Service]\nOOMScoreAdjust=-500\n' >"$dropin/har-oom.conf"
+    systemctl daemon-reload
+  fi
+  systemctl enable --quiet nginx
+  systemctl reload-or-restart nginx  # reload: open connections (websockets) stay up
+}
+
+setup_proxy() {
+  if [ "$HAR_PROXY" != nginx ]; then log "no proxy (HAR_PROXY=none): Voila listens on $HAR_BIND:$HAR_PORT"; return; fi
+  mkdir -p "$HAR_TLS_DIR" "$HAR_NGINX_DIR/conf.d" "$HAR_ACME_ROOT"
+  chmod 0755 "$HAR_TLS_DIR"
+  # Debian's default site also claims port 80 as the default server.
+  rm -f "$HAR_NGINX_DIR/sites-enabled/default"
+  basic_auth
+  local live="/etc/letsencrypt/live/$HAR_DOMAIN"
+  if [ -n "$HAR_CERT_EMAIL" ] && [ -f "$live/fullchain.pem" ]; then
+    TLS_CERT="$live/fullchain.pem" TLS_KEY="$live/privkey.pem"
+    render_site 1
+    reload_nginx
+    return
+  fi
+  self_signed_cert
+  render_site 0
+  reload_nginx
+  if [ -z "$HAR_CERT_EMAIL" ]; then return; fi
+  if [ "$HAR_BOOTSTRAP_NO_SYSTEMD" = 1 ] || [ "$HAR_BOOTSTRAP_NO_START" = 1 ]; then return; fi  # nginx not reloaded
+  # nginx now answers the HTTP-01 challenge on port 80 (DNS must point here and the security group allow 80).
+  log "requesting a Let's Encrypt certificate for $HAR_DOMAIN"
+  if certbot certonly --webroot -w "$HAR_ACME_ROOT" -d "$HAR_DOMAIN" -m "$HAR_CERT_EMAIL" --agree-tos \
+    --non-interactive --no-eff-email --keep-until-expiring --deploy-hook "systemctl reload nginx"; then
+    TLS_CERT="$live/fullchain.pem" TLS_KEY="$live/privkey.pem"
+    render_site 1
+    reload_nginx
+  else
+    log "certbot failed: the site keeps its self-signed certificate; re-run this script to try again"
+  fi
 }
 
 render_unit() {
@@ -156,6 +303,12 @@ render_unit() {
       -e "s|@STATE_DIR@|$HAR_STATE_DIR|g" -e "s|@ENV_FILE@|$HAR_ENV_FILE|g" \
       "$HAR_APP_DIR/deploy/$SERVICE.service" >"$dest.tmp"
   mv -f "$dest.tmp" "$dest"
+}
+
+# What a running service was started from: the unit, the env file and the code. Unchanged: no restart needed.
+fingerprint() {
+  { cat "$HAR_UNIT_DIR/$SERVICE.service" "$HAR_ENV_FILE"; git -C "$HAR_APP_DIR" rev-parse HEAD 2>/dev/null || true; } |
+    sha256sum | cut -d' ' -f1
 }
 
 start_service() {
@@ -172,12 +325,24 @@ start_service() {
   fi
   render_unit "$HAR_UNIT_DIR/$SERVICE.service"
   systemctl daemon-reload
-  if [ "$HAR_BOOTSTRAP_NO_START" = 1 ]; then systemctl enable "$SERVICE"; log "done (enabled, not started)"; return; fi
-  systemctl enable "$SERVICE"
-  systemctl restart "$SERVICE"
-  log "service $SERVICE (re)started; logs: journalctl -u $SERVICE -f"
+  systemctl enable --quiet "$SERVICE"
+  if [ "$HAR_BOOTSTRAP_NO_START" = 1 ]; then log "done (enabled, not started)"; return; fi
+  local now stamp="$HAR_STATE_DIR/deployed.sha256"
+  now=$(fingerprint)
+  if systemctl is-active --quiet "$SERVICE" && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$now" ]; then
+    log "service $SERVICE already runs this unit, settings and code: not restarted"
+  else
+    systemctl restart "$SERVICE"
+    log "service $SERVICE (re)started; logs: journalctl -u $SERVICE -f"
+  fi
+  echo "$now" >"$stamp"
 }
 
+if [ "$MODEL_ONLY" = 1 ]; then
+  pull_model
+  log "new page loads serve $(basename "$(readlink "$CURRENT_MODEL")"); open pages keep the version they loaded"
+  exit 0
+fi
 install_packages
 create_user
 fetch_code
@@ -185,4 +350,5 @@ install_python
 prepare_state
 pull_model
 write_env
+setup_proxy
 start_service

@@ -4,20 +4,42 @@ launched directly), the systemd unit, and the Voila server configuration (kernel
 from __future__ import annotations
 
 import getpass
+import grp
+import json
 import os
+import pwd
 import re
+import shlex
 import shutil
+import stat
 import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
-from test_dashboard import CHROMIUM, CHROMIUM_ARGS, MODEL_NAME, free_port, publish_run, shared_run, stop, wait_http
+from test_dashboard import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    MODEL_NAME,
+    free_port,
+    photo,
+    publish_run,
+    shared_run,
+    stop,
+    wait_for_port,
+    wait_http,
+)
+from test_serving_install import serving_app
 from traitlets.config.loader import JSONFileConfigLoader
 from traitlets.utils.importstring import import_item
 
-from lib.dashboard.server import CappedKernelManager, server_settings
-from lib.dashboard.settings import WEBSOCKET_MAX_BYTES, dashboard_params
+from lib.dashboard.server import CappedKernelManager, apply_websocket_cap, server_settings
+from lib.dashboard.settings import dashboard_params, websocket_max_bytes
 from lib.files import MIB
 from lib.params import ROOT, ParamsError
 
@@ -25,6 +47,8 @@ pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a br
 
 BOOTSTRAP = ROOT / "deploy" / "bootstrap.sh"
 UNIT = ROOT / "deploy" / "har-dashboard.service"
+RENDER = ROOT / "deploy" / "nginx" / "render.sh"
+USER_DATA = ROOT / "deploy" / "user-data.sh"
 
 
 def test_unit_has_restart_user_network_and_hardening():
@@ -48,10 +72,23 @@ def test_unit_has_restart_user_network_and_hardening():
     assert "jupyter" not in exec_start  # never `jupyter server` with the voila extension
 
 
-def test_bootstrap_is_valid_bash():
-    subprocess.run(["bash", "-n", str(BOOTSTRAP)], check=True)
+@pytest.mark.parametrize("script", [BOOTSTRAP, RENDER, USER_DATA], ids=lambda p: p.name)
+def test_scripts_are_valid_bash(script: Path):
+    subprocess.run(["bash", "-n", str(script)], check=True)
     if shutil.which("shellcheck"):
-        subprocess.run(["shellcheck", "-S", "warning", str(BOOTSTRAP)], check=True)
+        subprocess.run(["shellcheck", str(script)], check=True)  # every severity: the scripts stay clean
+
+
+def test_user_data_runs_as_cloud_init_needs():
+    text = USER_DATA.read_text()
+    assert text.startswith("#!/bin/bash\n")  # cloud-init runs user data as a script only with a shebang
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    install = next(i for i, line in enumerate(lines) if re.search(r"apt-get install .*\bgit\b", line))
+    clone = next(i for i, line in enumerate(lines) if "git clone" in line)
+    bootstrap = next(i for i, line in enumerate(lines) if "deploy/bootstrap.sh" in line and "bash" in line)
+    assert install < clone < bootstrap  # Debian 12 images have no git before the bootstrap installs it
+    assert "set -euo pipefail" in lines
+    assert text in (ROOT / "README.md").read_text()  # README shows the user data whole, as shipped
 
 
 def test_voila_config_file_settings():
@@ -60,15 +97,20 @@ def test_voila_config_file_settings():
     assert vc.strip_sources is True and vc.show_tracebacks is False and vc.file_allowlist == []
     assert vc.preheat_kernel is False
     assert import_item(vc.multi_kernel_manager_class).__name__ == "CappedKernelManager"
-    size = config.Voila.tornado_settings["websocket_max_message_size"]
-    assert size == WEBSOCKET_MAX_BYTES and size >= 4 * 20 * MIB  # several 20 MiB phone photos per upload
+    assert import_item(config.Voila.identity_provider_class).__name__ == "DashboardIdentityProvider"  # /health
+    # The websocket cap follows HAR_MAX_UPLOAD_MIB (CappedKernelManager sets it): voila.json must not fix another.
+    assert "websocket_max_message_size" not in config.Voila.get("tornado_settings", {})
+    app = type("App", (), {"tornado_settings": {}})()
+    apply_websocket_cap(app)
+    size = app.tornado_settings["websocket_max_message_size"]
+    assert size == websocket_max_bytes(dashboard_params()) and 20 * MIB < size < 24 * MIB  # one phone photo
 
 
 def test_kernel_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HAR_MAX_KERNELS", "3")
     monkeypatch.setenv("HAR_KERNEL_IDLE_SECONDS", "120")
     km = CappedKernelManager()
-    assert (km.max_kernels, km.cull_idle_timeout, km.cull_interval, km.cull_connected) == (3, 120, 60, True)
+    assert (km.max_kernels, km.cull_idle_timeout, km.cull_interval, km.cull_connected) == (3, 120, 10, True)
     monkeypatch.setenv("HAR_MAX_KERNELS", "lots")
     with pytest.raises(ParamsError, match="HAR_MAX_KERNELS"):
         server_settings()
@@ -104,7 +146,7 @@ def test_kernel_cap_refuses_politely():
     from tornado import web
 
     cls = CappedKernelManager
-    km = cls(max_kernels=1)
+    km = cls(max_kernels=1, admission_wait=0)  # nothing here can be evicted (tests/test_lockout.py): refuse at once
 
     async def scenario() -> None:
         async def fake_start(self, **kwargs):  # jupyter_client's order: pending at once, running when ready
@@ -153,11 +195,12 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
         "HAR_SKIP_APT": "1",
         "HAR_SKIP_PIP": "1",
         "HAR_BOOTSTRAP_NO_SYSTEMD": "1",
+        "HAR_PROXY": "none",  # the root test below covers nginx
     }
     # First run: every step, nothing started; the second run repeats them (idempotent) and launches Voila.
     subprocess.run(["bash", str(BOOTSTRAP), "--no-start"], env=env, check=True, timeout=120, capture_output=True)
     env_file = (tmp_path / "etc" / "har-dashboard.env").read_text()
-    model_dir = Path(re.search(r"^HAR_MODEL_DIR=(.*)$", env_file, re.M).group(1))
+    model_dir = Path(re.search(r"^HAR_MODEL_DIR=(.*)$", env_file, re.M).group(1)).resolve()  # a link
     assert model_dir.name == version and (model_dir / "model" / "config.json").is_file()
     unit = (tmp_path / "state" / "har-dashboard.service").read_text()
     assert not re.search(r"@[A-Z_]+@", unit) and f"WorkingDirectory={ROOT}" in unit
@@ -172,7 +215,13 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
     log = open(tmp_path / "voila.log", "w")
     proc = subprocess.Popen(
         ["bash", str(BOOTSTRAP)],
-        env={**env, "HAR_KERNEL_IDLE_SECONDS": "6", "HAR_CULL_INTERVAL_SECONDS": "1"},
+        # Culling waits 20 s, longer than three page loads take, so visitor 3 can only get in by an eviction.
+        env={
+            **env,
+            "HAR_CONNECT_GRACE_SECONDS": "2",
+            "HAR_UNCONNECTED_SECONDS": "20",
+            "HAR_CULL_INTERVAL_SECONDS": "1",
+        },
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -182,9 +231,14 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
         assert "dashboard is unavailable" not in page_html and "from lib.dashboard.app import main" not in page_html
         assert "harUploadGuard" in page_html
         assert requests.get(url, timeout=60).status_code == 200  # visitor 2
-        busy = requests.get(url, timeout=60)  # visitor 3 is over HAR_MAX_KERNELS=2: a polite 503 page, no kernel
-        assert busy.status_code == 503 and "serves 2 visitors at once. Please try again" in busy.text
-        wait_http(url, proc, timeout=60)  # idle kernels are culled after HAR_KERNEL_IDLE_SECONDS: room again
+        # Visitor 3 is over HAR_MAX_KERNELS=2, but neither page opened a websocket: the longest idle one gives way.
+        assert requests.get(url, timeout=60).status_code == 200
+        health = requests.get(url + "health", timeout=10).json()
+        assert health["kernels"] <= 2 and health["evicted"] == 1
+        deadline = time.monotonic() + 90  # kernels whose page never connected are culled after HAR_UNCONNECTED_SECONDS
+        while requests.get(url + "health", timeout=10).json()["kernels"] and time.monotonic() < deadline:
+            time.sleep(1)
+        assert requests.get(url + "health", timeout=10).json()["kernels"] == 0
         if CHROMIUM.exists():  # the widgets show the model that bootstrap pulled from S3
             from playwright.sync_api import sync_playwright
 
@@ -201,3 +255,239 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
     text = (tmp_path / "voila.log").read_text()
     assert "model ready" in text
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text
+
+
+# --------------------------------------------------------------------------- the bootstrap for real, as root
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("nginx") or not Path("/etc/nginx/nginx.conf").is_file(),
+    reason="runs as root with Debian's nginx (apt-get install -y nginx)",
+)
+AUTH = ("visitor", "a long test password")
+
+
+def debian_nginx_copy(prefix: Path) -> Path:
+    """/etc/nginx copied into prefix, its absolute paths (config, logs, pid) moved there too: Debian's real main
+    configuration, so `nginx -t` sees the site as the host will. Temp files go to prefix as well."""
+    target = prefix / "nginx"
+    shutil.copytree("/etc/nginx", target, symlinks=True)
+    conf = target / "nginx.conf"
+    text = conf.read_text().replace("/etc/nginx/", f"{target}/")
+    text = text.replace("/var/log/nginx/", f"{prefix}/log/").replace("/run/nginx.pid", f"{prefix}/nginx.pid")
+    temp = "".join(f"\n\t{kind}_temp_path {prefix}/tmp/{kind};" for kind in ("client_body", "proxy", "fastcgi"))
+    conf.write_text(re.sub(r"^http \{", lambda m: m.group(0) + temp, text, count=1, flags=re.M))
+    (prefix / "log").mkdir()
+    (prefix / "tmp").mkdir()
+    return target
+
+
+def unit_process(unit_file: Path) -> dict:
+    """How systemd would start the unit: argv (with ${VAR} expanded), environment, user, group, directory, umask."""
+    directives: dict[str, list[str]] = {}
+    for line in unit_file.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            directives.setdefault(key.strip(), []).append(value.strip())
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    for path in directives.get("EnvironmentFile", []):
+        for line in Path(path.lstrip("-")).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                env[key] = value
+    for value in directives.get("Environment", []):
+        env.update(item.split("=", 1) for item in shlex.split(value))
+    (exec_start,) = directives["ExecStart"]
+    argv = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], word) for word in shlex.split(exec_start)]
+    return {
+        "argv": argv,
+        "env": env,
+        "user": directives["User"][0],
+        "group": directives["Group"][0],
+        "cwd": directives["WorkingDirectory"][0],
+        "umask": int(directives.get("UMask", ["0022"])[0], 8),
+    }
+
+
+def second_version(run_dir: Path, work: Path, registry: str) -> str:
+    """Publish a copy of run_dir with other metrics: a new version with other content."""
+    copy = work / "run-v2"
+    shutil.copytree(run_dir, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["accuracy"] = 0.8438
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    return publish_run(copy, registry)["version"]
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    s3_server: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[dict]:
+    """deploy/bootstrap.sh run as root into a throwaway prefix (system user, serving install, state, env file, model
+    pulled from moto's S3, nginx site with basic auth); then the service started as its unit would be, and nginx
+    from the prefix."""
+    registry = f"s3://test-{uuid.uuid4().hex[:16]}/models"
+    version = publish_run(shared_run(tmp_path_factory), registry)["version"]
+    # Outside pytest's tmp folder, which only root may enter: the service user must reach its state here.
+    prefix = Path(tempfile.mkdtemp(prefix="har-bootstrap-"))
+    prefix.chmod(0o755)
+    user = f"hartest{uuid.uuid4().hex[:6]}"
+    voila_port, https_port, http_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "HAR_REGISTRY": registry,
+        "HAR_MODEL_NAME": MODEL_NAME,
+        "HAR_APP_DIR": str(serving_app(request.config)),  # a copy of the code, its .venv the base install
+        "HAR_USER": user,
+        "HAR_STATE_DIR": str(prefix / "state"),
+        "HAR_ENV_FILE": str(prefix / "etc" / "har-dashboard.env"),
+        "HAR_PORT": str(voila_port),
+        "HAR_MAX_KERNELS": "3",
+        "HAR_THREADS": "1",
+        "HAR_SKIP_APT": "1",
+        "HAR_BOOTSTRAP_NO_SYSTEMD": "1",
+        "HAR_NGINX_DIR": str(debian_nginx_copy(prefix)),
+        "HAR_ACME_ROOT": str(prefix / "acme"),
+        "HAR_BASIC_AUTH_USER": AUTH[0],
+        "HAR_BASIC_AUTH_PASSWORD": AUTH[1],
+        "HAR_DOMAIN": "localhost",  # the self-signed certificate's name
+        "HAR_PROXY_ADDR": "127.0.0.1",
+        "HAR_HTTPS_PORT": str(https_port),
+        "HAR_HTTP_PORT": str(http_port),
+    }
+    procs: list[subprocess.Popen] = []
+    logs = open(prefix / "service.log", "w")
+    try:
+        done = subprocess.run(
+            ["bash", str(BOOTSTRAP), "--no-start"], env=env, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, done.stderr
+        nginx_conf = prefix / "nginx" / "nginx.conf"
+        unit = unit_process(prefix / "state" / "har-dashboard.service")
+        procs.append(
+            subprocess.Popen(
+                unit["argv"],
+                env=unit["env"],
+                cwd=unit["cwd"],
+                user=unit["user"],
+                group=unit["group"],
+                extra_groups=[],
+                umask=unit["umask"],
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        procs.append(subprocess.Popen(["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], stderr=logs))
+        wait_for_port(https_port, procs[1], timeout=20)
+        with requests.Session() as https:
+            https.trust_env = False
+            https.verify = str(prefix / "nginx" / "har-dashboard" / "selfsigned.crt")  # the one bootstrap made
+            yield {
+                "prefix": prefix,
+                "env": env,
+                "user": user,
+                "version": version,
+                "registry": registry,
+                "output": done.stdout + done.stderr,
+                "nginx_conf": nginx_conf,
+                "unit": unit,
+                "voila": procs[0],
+                "voila_url": f"http://127.0.0.1:{voila_port}/",
+                "url": f"https://localhost:{https_port}/",
+                "https": https,
+            }
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        logs.close()
+        print((prefix / "service.log").read_text()[-3000:])  # shown by pytest when a test failed
+        subprocess.run(["userdel", user], capture_output=True)
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+@needs_root
+def test_bootstrap_as_root_sets_up_user_state_and_proxy(deployed: dict):
+    prefix, user, env = deployed["prefix"], deployed["user"], deployed["env"]
+    account = pwd.getpwnam(user)
+    assert account.pw_uid < 1000 and account.pw_shell == "/usr/sbin/nologin"  # a system user without a login
+    assert account.pw_dir == str(prefix / "state")
+    state = (prefix / "state").stat()
+    assert state.st_uid == account.pw_uid and stat.S_IMODE(state.st_mode) == 0o750
+    env_path = prefix / "etc" / "har-dashboard.env"
+    info = env_path.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, account.pw_gid, 0o640)
+    settings = dict(line.split("=", 1) for line in env_path.read_text().splitlines() if line and line[0] != "#")
+    assert settings["HAR_BIND"] == "127.0.0.1" and settings["HAR_MAX_KERNELS"] == "3"
+    assert "HAR_KERNEL_IDLE_SECONDS" not in settings  # unset: the dashboard's own default applies
+    link = Path(settings["HAR_MODEL_DIR"])
+    assert link == prefix / "state" / "current-model" and link.is_symlink()
+    pulled = link.resolve()
+    assert pulled.name == deployed["version"] and (pulled / "model" / "config.json").is_file()
+    assert pulled.is_relative_to(prefix / "state" / "registry-cache") and pulled.stat().st_uid == account.pw_uid
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in env_path.read_text()
+
+    nginx_dir = Path(env["HAR_NGINX_DIR"])
+    site = (nginx_dir / "conf.d" / "har-dashboard.conf").read_text()
+    assert f"server 127.0.0.1:{env['HAR_PORT']};" in site and "client_max_body_size 20480k;" in site
+    assert not (nginx_dir / "sites-enabled" / "default").exists()  # Debian's default site also claims port 80
+    htpasswd = nginx_dir / "har-dashboard" / "htpasswd"
+    info = htpasswd.stat()
+    assert (info.st_uid, grp.getgrgid(info.st_gid).gr_name, stat.S_IMODE(info.st_mode)) == (0, "www-data", 0o640)
+    assert htpasswd.read_text().startswith(f"{AUTH[0]}:$6$") and AUTH[1] not in htpasswd.read_text()
+    assert stat.S_IMODE((nginx_dir / "har-dashboard" / "selfsigned.key").stat().st_mode) == 0o600
+    check = subprocess.run(["nginx", "-t", "-c", str(deployed["nginx_conf"])], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr  # the site inside Debian's own nginx.conf
+    assert AUTH[1] not in deployed["output"] and os.environ["AWS_SECRET_ACCESS_KEY"] not in deployed["output"]
+
+
+@needs_root
+def test_service_started_as_its_unit_answers_through_nginx(deployed: dict):
+    unit, https = deployed["unit"], deployed["https"]
+    assert unit["user"] == deployed["user"] and "--Voila.ip=127.0.0.1" in unit["argv"]
+    health = wait_http(deployed["voila_url"] + "health", deployed["voila"], timeout=120).json()
+    assert health["status"] == "ok" and health["kernels"] == 0
+    assert https.get(deployed["url"] + "health", timeout=30).status_code == 200  # no login for the balancer
+    assert https.get(deployed["url"], timeout=30).status_code == 401
+    page = https.get(deployed["url"], auth=AUTH, timeout=120)
+    assert page.status_code == 200 and "harUploadGuard" in page.text and "dashboard is unavailable" not in page.text
+    # the kernel runs as the service user too
+    kernels = [
+        p
+        for p in psutil.Process(deployed["voila"].pid).children(recursive=True)
+        if "ipykernel" in " ".join(p.cmdline())
+    ]
+    assert kernels and {p.username() for p in kernels} == {deployed["user"]}
+
+
+@needs_root
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)")
+def test_model_only_rolls_a_new_version_without_downtime(deployed: dict, tmp_path_factory: pytest.TempPathFactory):
+    from playwright.sync_api import sync_playwright
+
+    old = deployed["version"]
+    new = second_version(shared_run(tmp_path_factory), tmp_path_factory.mktemp("roll"), deployed["registry"])
+    env = {k: v for k, v in deployed["env"].items() if k not in ("HAR_REGISTRY", "HAR_MODEL_NAME")}  # from the env file
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(
+            ignore_https_errors=True, http_credentials=dict(zip(("username", "password"), AUTH))
+        )
+        context.set_default_timeout(90_000)
+        before = context.new_page()  # a visitor who opened the page before the roll
+        before.goto(deployed["url"])
+        assert before.wait_for_selector(".har-model-info").get_attribute("data-version") == old
+
+        done = subprocess.run(["bash", str(BOOTSTRAP), "--model-only"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert (deployed["prefix"] / "state" / "current-model").resolve().name == new
+        assert deployed["voila"].poll() is None  # the server was not restarted
+
+        after = context.new_page()  # a new page load gets the new version
+        after.goto(deployed["url"])
+        assert after.wait_for_selector(".har-model-info").get_attribute("data-version") == new
+        # the open page keeps its kernel and its model, and still classifies
+        with before.expect_file_chooser() as chooser:
+            before.click(".har-upload")
+        chooser.value.set_files([{"name": "after-roll.jpg", "mimeType": "image/jpeg", "buffer": photo(4)}])
+        card = before.wait_for_selector(".har-results .har-result")
+        assert card.get_attribute("data-name") == "after-roll.jpg" and old in card.inner_text()
+        browser.close()

@@ -28,8 +28,7 @@ ENV_PARAMS: dict[str, str] = {
     "HAR_LOW_CONFIDENCE": "low_confidence",
 }
 
-WEBSOCKET_MAX_BYTES = 96 * MIB  # must equal Voila.tornado_settings.websocket_max_message_size in voila.json
-
+# Room in one websocket message for the upload's JSON header and file names next to the file bytes.
 WEBSOCKET_HEADROOM = 2 * MIB
 
 
@@ -68,6 +67,14 @@ def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int) -
 
 
 def upload_limits(p: DashboardParams) -> tuple[int, int]:
-    """(bytes per file, bytes per upload message): the file cap, bounded by the server's websocket cap."""
-    batch = WEBSOCKET_MAX_BYTES - WEBSOCKET_HEADROOM
-    return min(int(p.max_upload_mib * MIB), batch), batch
+    """(bytes per file, bytes per upload message): both the upload cap. Several files selected together travel in
+    one websocket message, so together they get the same budget as one file."""
+    cap = int(p.max_upload_mib * MIB)
+    return cap, cap
+
+
+def websocket_max_bytes(p: DashboardParams) -> int:
+    """The Voila server's websocket message cap (lib.dashboard.server sets it): the upload cap plus headroom, so a
+    larger message closes the connection instead of being buffered (the page never sends one: dashboard.js reads
+    files past the budget as empty)."""
+    return upload_limits(p)[1] + WEBSOCKET_HEADROOM
