@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[research,dev]'  # the base install alone is the slim serving set
 	$(PY) -m ipykernel install --sys-prefix --name har-vit --display-name "HAR-ViT (.venv)"
 	if [ -d .git ]; then $(VENV)/bin/pre-commit install >/dev/null; fi  # strip notebook outputs, ruff, on commit
 	touch $@
@@ -47,6 +47,13 @@ dashboard: setup  ## serve the Voila dashboard on 127.0.0.1 with the demo's publ
 
 bench: setup  ## CPU serving and evaluation benchmark
 	$(PY) -m lib.bench $(BENCH_ARGS)
+
+# IMAGES: a folder or s3://bucket/prefix (default: the demo's generated images); BATCH_ARGS: --model, --shard i/N ...
+IMAGES ?= outputs/_cache/embedded_n120_s0
+BATCH_OUT ?= outputs/batch
+.PHONY: classify
+classify: setup  ## classify every image of IMAGES with the latest published model into BATCH_OUT (resumable)
+	$(PY) -m lib.batch --images $(IMAGES) --out $(BATCH_OUT) $(BATCH_ARGS)
 
 rehearsal: setup  ## the real profile, every stage, full-size ViT-B/16, offline (CPU, or the GPU when present)
 	$(PY) -m lib.rehearsal --profile $(PROFILE) $(REHEARSAL_ARGS)

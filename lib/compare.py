@@ -60,8 +60,30 @@ def model_label(params: dict[str, Any]) -> str:
     return str(params.get("model.name_or_path", "?"))
 
 
+def model_family(run: Path) -> str | None:
+    """The backbone family of a run's saved model (config.json model_type: vit, dinov2, siglip ...); None without."""
+    return read_json(Path(run) / "model" / "config.json", default={}).get("model_type")
+
+
+def served_figures(metrics: dict) -> dict[str, Any]:
+    """What the export stage chose to serve: file, its test accuracy (one view) and its median latency per image
+    on the CPU that ran the export (metrics.json "served" and the matching "export" variant); NaN where absent."""
+    served = metrics.get("served") or {}
+    variants = (metrics.get("export") or {}).get("variants") or {}
+    row = variants.get(served.get("variant")) or {}
+    if not row:  # a file name is the one key every writer of "served" keeps
+        name = Path(str(served.get("file", ""))).name
+        row = next((v for v in variants.values() if Path(str(v.get("file", ""))).name == name), {})
+    return {
+        "served_file": Path(str(served["file"])).name if served.get("file") else None,
+        "served_accuracy": served.get("accuracy", np.nan),
+        "served_latency_ms": row.get("latency_ms", np.nan),
+    }
+
+
 def runs_table(runs: list[Path]) -> pd.DataFrame:
-    """One row per run: name, model, the params that differ across runs, test metrics, ECE, training time."""
+    """One row per run: name, model and its family, the params that differ across runs, test metrics, ECE, training
+    time and parameter count, and the served file with its accuracy and latency."""
     params = [flat_params(run) for run in runs]
     varying = varying_params(params) if len(runs) > 1 else []
     rows = []
@@ -69,16 +91,42 @@ def runs_table(runs: list[Path]) -> pd.DataFrame:
         metrics = read_json(Path(run) / "metrics.json", default={})
         calibration = metrics.get("calibration") or {}
         train = metrics.get("train") or {}
-        row = {"run": Path(run).name, "model": model_label(p)}
+        row = {"run": Path(run).name, "model": model_label(p), "family": model_family(run)}
         row.update({key: p.get(key) for key in varying})
         row.update({m: metrics.get(m, np.nan) for m in METRICS})
         if calibration:
             row.update({k: calibration.get(k, np.nan) for k in ("temperature", "ece_before", "ece_after")})
         row["train_runtime_s"] = train.get("train_runtime_s", np.nan)
+        row["train_device"] = train.get("device")
+        row["parameters_m"] = round(train["parameters"]["total"] / 1e6, 1) if train.get("parameters") else np.nan
+        row.update(served_figures(metrics))
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["varying"] = varying
     return table
+
+
+BACKBONE_COLUMNS = (
+    "run",
+    "model",
+    "family",
+    "parameters_m",
+    "accuracy",
+    "f1_weighted",
+    "served_accuracy",
+    "train_runtime_s",
+    "train_device",
+    "served_file",
+    "served_latency_ms",
+)
+
+
+def backbone_table(table: pd.DataFrame) -> pd.DataFrame:
+    """runs_table's columns for comparing backbones side by side: accuracy next to training time and served latency,
+    best test accuracy first."""
+    return table[[c for c in BACKBONE_COLUMNS if c in table.columns]].sort_values(
+        "accuracy", ascending=False, na_position="last", kind="stable"
+    )
 
 
 def per_class_f1(runs: list[Path]) -> pd.DataFrame:
@@ -96,11 +144,13 @@ def load_history(run: Path) -> pd.DataFrame:
 
 
 def plot_metrics(table: pd.DataFrame):
-    """Bar charts across runs: accuracy and F1 scores, ECE when present, and training time."""
+    """Bar charts across runs: accuracy and F1 scores, ECE when present, training time, and served latency when a
+    run was exported."""
     import matplotlib.pyplot as plt
 
     has_ece = "ece_before" in table.columns
-    ncols = 3 if has_ece else 2
+    has_latency = "served_latency_ms" in table.columns and table["served_latency_ms"].notna().any()
+    ncols = 2 + has_ece + has_latency
     width_per_run = max(3.0, 0.6 * len(table))
     fig, axes = plt.subplots(1, ncols, figsize=(width_per_run * ncols, 4), squeeze=False)
     axes = axes[0]
@@ -119,10 +169,29 @@ def plot_metrics(table: pd.DataFrame):
     if has_ece:
         grouped(axes[1], ["ece_before", "ece_after"], ["ECE before", "ECE after T-scaling"])
         axes[1].set(title="Calibration error (lower is better)")
-    ax = axes[-1]
+    ax = axes[1 + has_ece]
     ax.bar(x, table["train_runtime_s"].astype(float) / 60, color="tab:gray")
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set(ylabel="minutes", title="Training time")
+    if has_latency:
+        ax = axes[-1]
+        ax.bar(x, table["served_latency_ms"].astype(float), color="tab:purple")
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set(ylabel="ms per image (median)", title="Served latency, export CPU")
+    fig.tight_layout()
+    return fig
+
+
+def plot_tradeoff(table: pd.DataFrame):
+    """Test accuracy against served latency, one point per exported run, labelled with its model."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    shown = table.dropna(subset=["accuracy", "served_latency_ms"]) if "served_latency_ms" in table else table[:0]
+    for _, row in shown.iterrows():
+        ax.scatter(row["served_latency_ms"], row["accuracy"])
+        ax.annotate(f"{row['run']}\n{row['model']}", (row["served_latency_ms"], row["accuracy"]), fontsize=7)
+    ax.set(xlabel="served latency, ms per image", ylabel="test accuracy", title="Accuracy against served latency")
     fig.tight_layout()
     return fig
 

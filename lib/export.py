@@ -5,8 +5,13 @@ Two fp32 files are kept: model.standard.onnx, the exporter's output with standar
 implements the opset), and model.onnx, fused with ONNX Runtime's contrib ops (Attention, SkipLayerNormalization,
 BiasGelu: ONNX Runtime only), which is what is served.
 
-The stage's steps are public functions: export_model, check_exports (with require_fp32_agreement), choose_variant,
-served_calibration, write_results. run_export calls them in order; 03b_export.ipynb calls them one cell each.
+With export.student_layers set, export_student also distils a student with fewer encoder blocks from the trained
+model (lib.distill) and exports it the same way into export/student/; the serving gate (choose_variant) then serves
+the cheapest variant that passes on the test split, the teacher's fp32 file when none does.
+
+The stage's steps are public functions: export_model, export_student, check_exports (with require_fp32_agreement),
+choose_variant, served_calibration, write_results. run_export calls them in order; 03b_export.ipynb calls them one
+cell each.
 """
 
 from __future__ import annotations
@@ -149,6 +154,57 @@ def fuse_for_ort(raw: Path, dst: Path, num_heads: int, hidden_size: int, attenti
     return {**stats, "scale_rewrites": rewrites}
 
 
+# Families whose attention ONNX Runtime's transformer optimizer (model type "vit") fuses into its Attention op, with
+# SkipLayerNormalization and BiasGelu / FastGelu around it (tests/test_family_pipeline.py checks it per family).
+# For BEiT, DINOv2 and Swin it fuses no attention whichever of its model types is asked (vit, swin, clip, bert;
+# tried on tiny models), and ConvNeXt has none: those are served as the plain export, which ONNX Runtime still
+# optimises at load time.
+ORT_FUSED_FAMILIES = ("vit", "deit", "siglip")
+FUSION_ATOL = 1e-3  # fused vs plain logits on random pixels: float reassociation only; a wrong head count is far off
+
+
+def attention_shape(cfg: dict) -> tuple[int, int]:
+    """(heads, hidden size) of a config.json for the attention fusion; SigLIP keeps them in vision_config. (0, 0)
+    where there is no single pair (Swin's heads per stage, ConvNeXt)."""
+    cfg = cfg.get("vision_config") or cfg
+    heads, hidden = cfg.get("num_attention_heads", 0), cfg.get("hidden_size", 0)
+    return (heads, hidden) if isinstance(heads, int) and isinstance(hidden, int) else (0, 0)
+
+
+def fuse_checked(standard: Path, dst: Path, model_type: str, heads: int, hidden: int, size: int) -> dict:
+    """model.onnx: fuse_for_ort for the ORT_FUSED_FAMILIES, checked against the plain export on random pixels;
+    the plain export itself for other families or when the fused file disagrees. Says which and why."""
+    import shutil
+
+    if model_type not in ORT_FUSED_FAMILIES or not heads or not hidden:
+        shutil.copyfile(standard, dst)
+        return {
+            "applied": False,
+            "reason": f"{model_type or 'unknown'}: ONNX Runtime's transformer optimizer fuses no attention for this "
+            "family; model.onnx is the plain export",
+            "fused_ops": {},
+        }
+    fused = fuse_for_ort(standard, dst, heads, hidden)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    plain, got = (onnx_runner(onnx_session(path, 1))(pixels) for path in (standard, dst))
+    diff = float(np.max(np.abs(plain - got)))
+    if not diff <= FUSION_ATOL * max(1.0, float(np.max(np.abs(plain)))):
+        shutil.copyfile(standard, dst)
+        return {
+            "applied": False,
+            "reason": f"fused logits differ from the plain export by {diff:.3g}; model.onnx is the plain export",
+            "fused_ops": {},
+            "max_abs_logit_diff": diff,
+        }
+    attention = "" if fused.get("Attention") else "; it fused no attention in this graph"
+    return {
+        "applied": True,
+        "reason": f"{model_type}: ONNX Runtime transformer fusion (model type vit){attention}",
+        "fused_ops": fused,
+        "max_abs_logit_diff": diff,
+    }
+
+
 class _PixelReader:
     """CalibrationDataReader over preprocessed pixel batches (static quantization)."""
 
@@ -239,19 +295,20 @@ def choose_serving(
     min_agreement: float,
     max_accuracy_drop: float,
 ) -> tuple[str, str]:
-    """(file, reason): int8 only if its top-1 agreement >= min_agreement and accuracy drop <= max_accuracy_drop."""
-    if agreement_int8 is None or accuracy_drop_int8 is None:
-        return FP32_FILE, "no int8 model (quantization disabled): serving fp32 ONNX"
-    if not np.isfinite(agreement_int8) or not np.isfinite(accuracy_drop_int8):
-        return FP32_FILE, "int8 could not be checked (empty test split): serving fp32 ONNX"
-    if agreement_int8 < min_agreement:
-        return FP32_FILE, f"int8 top-1 agreement {agreement_int8:.4f} < {min_agreement}: serving fp32 ONNX"
-    if accuracy_drop_int8 > max_accuracy_drop + 1e-12:
-        return FP32_FILE, f"int8 accuracy drop {accuracy_drop_int8:.4f} > {max_accuracy_drop}: serving fp32 ONNX"
-    return INT8_FILE, (
-        f"int8 agreement {agreement_int8:.4f} >= {min_agreement} and accuracy drop {accuracy_drop_int8:.4f} "
-        f"<= {max_accuracy_drop}: serving int8 ONNX"
-    )
+    """(file, reason) for the teacher alone: int8 only if its top-1 agreement >= min_agreement and accuracy drop <=
+    max_accuracy_drop (choose_variant's gate with no student)."""
+    rows = {"fp32": {"file": FP32_FILE, "layers": None, "precision": "fp32"}}
+    if agreement_int8 is not None and accuracy_drop_int8 is not None:
+        rows["int8"] = {
+            "file": INT8_FILE,
+            "agreement": agreement_int8,
+            "accuracy_drop": accuracy_drop_int8,
+            "layers": None,
+            "precision": "int8",
+        }
+    ep = ExportParams(min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+    file, _, reason = choose_variant({"variants": rows}, ep)
+    return file, reason
 
 
 def latency_ms(predictor: Predictor, images: list[Any], warmup: int = 2) -> float:
@@ -289,22 +346,27 @@ def export_model(
     cfg = json.loads((model_dir / "config.json").read_text())
     spec = load_spec(model_dir)
     standard = export_dir / STANDARD_FILE
-    heads, hidden = int(cfg.get("num_attention_heads", 0)), int(cfg.get("hidden_size", 0))
+    heads, hidden = attention_shape(cfg)
+    model_type = str(cfg.get("model_type", ""))
     start = time.time()
+    # At the training resolution (spec.size): position embeddings made for another grid (DINOv2's 518 px) are
+    # interpolated to it inside the graph; only the batch dimension is dynamic.
     export_torchscript(load_model(model_dir), standard, spec.size, opset)
     standard_ops = check_standard(standard)
-    fused = fuse_for_ort(standard, export_dir / FP32_FILE, heads, hidden)
+    fusion = fuse_checked(standard, export_dir / FP32_FILE, model_type, heads, hidden, spec.size)
     info = {
         "opset": opset,
         "quantize": quantize,
-        "fused_ops": fused,
+        "model_type": model_type,
+        "fusion": {k: v for k, v in fusion.items() if k != "fused_ops"},
+        "fused_ops": fusion["fused_ops"],
         "standard_op_types": sorted(standard_ops),
         "files": {"standard": STANDARD_FILE, "fp32": FP32_FILE},
     }
     if quantize != "none":
         src = export_dir / FP32_FILE
-        if quantize == "static":  # QDQ MatMuls over the unfused attention; ORT fuses them into integer ops at load
-            src = export_dir / "model.static-src.onnx"
+        if quantize == "static" and fusion["applied"]:  # QDQ MatMuls over the unfused attention; ORT fuses them
+            src = export_dir / "model.static-src.onnx"  # into integer ops at load
             fuse_for_ort(standard, src, heads, hidden, attention=False)
         quantize_int8(src, export_dir / INT8_FILE, quantize, calibration)
         if src.name != FP32_FILE:
@@ -314,6 +376,36 @@ def export_model(
     return info
 
 
+def encoder_depth(model: Any) -> int | None:
+    """Encoder blocks of a classifier (lib.model's FAMILIES table), None for a family the table does not know."""
+    from lib.model import encoder_layers
+
+    try:
+        return len(encoder_layers(model))
+    except ValueError:
+        return None
+
+
+def _file_row(
+    path: Path, name: str, model_dir: Path, ds: Any, ref: np.ndarray, batch_size: int, threads: int | None, timing: list
+) -> tuple[dict, np.ndarray]:
+    """One ONNX file on a split: its row (size, agreement with the reference logits, accuracy, delta, latency) without
+    the accuracy drop, and its logits."""
+    labels, spec, temperature = config_labels(model_dir), load_spec(model_dir), read_temperature(model_dir)
+    pred = Predictor(onnx_runner(onnx_session(path, threads)), labels, spec, temperature, "onnx", str(path))
+    logits = predictor_logits(pred, ds, batch_size, progress=name)
+    y = np.asarray(ds["label"]) if len(ds) else np.zeros(0, int)
+    row = {
+        "file": name,
+        "size_mib": size_mib(path),
+        "agreement": agreement(logits, ref),
+        "accuracy": accuracy(logits, y),
+        "max_abs_logit_diff": float(np.max(np.abs(logits - ref))) if len(ref) else float("nan"),
+        "latency_ms": latency_ms(pred, timing),
+    }
+    return row, logits
+
+
 def check_exports(
     model_dir: Path,
     export_dir: Path,
@@ -321,21 +413,30 @@ def check_exports(
     batch_size: int = 32,
     latency_images: int = 12,
     threads: int | None = None,
+    student_dir: Path | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """PyTorch (fp32) and each ONNX file on a split: agreement, accuracy, delta, size, latency per image; and the
-    logits of each variant on the split (for the served variant's calibration)."""
+    """PyTorch (fp32) and each ONNX file on a split: agreement, accuracy, delta, size, latency per image, encoder
+    blocks and precision; and the logits of each variant on the split (for the served variant's calibration).
+
+    student_dir (export/student, as export_student leaves it): its fp32 and int8 files are checked too, as variants
+    student_fp32 and student_int8: agreement with the trained (teacher) PyTorch model, accuracy drop against it, and
+    agreement_pytorch, the agreement with the student's own PyTorch model (an export check).
+    """
     from lib.model import load_model
     from lib.predict import dataset_logits
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
     labels, spec, temperature = config_labels(model_dir), load_spec(model_dir), read_temperature(model_dir)
     model = load_model(model_dir)
+    depth = encoder_depth(model)
     y = np.asarray(ds["label"]) if len(ds) else np.zeros(0, int)
-    ref = (
-        dataset_logits(model, ds, spec, batch_size=batch_size, device="cpu", precision="fp32", progress="pytorch")
-        if len(ds)
-        else np.zeros((0, len(labels)))
-    )
+
+    def pytorch_logits(m: Any, name: str) -> np.ndarray:
+        if not len(ds):
+            return np.zeros((0, len(labels)))
+        return dataset_logits(m, ds, spec, batch_size=batch_size, device="cpu", precision="fp32", progress=name)
+
+    ref = pytorch_logits(model, "pytorch")
     torch_pred = Predictor(
         torch_runner(model, "cpu"), labels, spec, temperature, "torch", str(model_dir / "model.safetensors")
     )
@@ -350,25 +451,35 @@ def check_exports(
             "accuracy": acc_ref,
             "accuracy_drop": 0.0,
             "latency_ms": latency_ms(torch_pred, timing),
+            "layers": depth,
+            "precision": "fp32",
         }
     }
     for variant, name in (("standard", STANDARD_FILE), ("fp32", FP32_FILE), ("int8", INT8_FILE)):
         path = export_dir / name
         if not path.is_file():
             continue
-        pred = Predictor(onnx_runner(onnx_session(path, threads)), labels, spec, temperature, "onnx", str(path))
-        logits = predictor_logits(pred, ds, batch_size, progress=name)
-        kept[variant] = logits
-        acc = accuracy(logits, y)
-        rows[variant] = {
-            "file": name,
-            "size_mib": size_mib(path),
-            "agreement": agreement(logits, ref),
-            "accuracy": acc,
-            "accuracy_drop": acc_ref - acc,
-            "max_abs_logit_diff": float(np.max(np.abs(logits - ref))) if len(ref) else float("nan"),
-            "latency_ms": latency_ms(pred, timing),
-        }
+        row, kept[variant] = _file_row(path, name, model_dir, ds, ref, batch_size, threads, timing)
+        precision = "int8" if variant == "int8" else "fp32"
+        rows[variant] = {**row, "accuracy_drop": acc_ref - row["accuracy"], "layers": depth, "precision": precision}
+    student_model = Path(student_dir) / "model" if student_dir is not None else None
+    if student_model is not None and (student_model / "config.json").is_file():
+        student = load_model(student_model)
+        own = pytorch_logits(student, "student pytorch")
+        for variant, name in (("student_fp32", FP32_FILE), ("student_int8", INT8_FILE)):
+            path = Path(student_dir) / name
+            if not path.is_file():
+                continue
+            row, kept[variant] = _file_row(
+                path, f"{path.parent.name}/{name}", student_model, ds, ref, batch_size, threads, timing
+            )
+            rows[variant] = {
+                **row,
+                "accuracy_drop": acc_ref - row["accuracy"],
+                "agreement_pytorch": agreement(kept[variant], own),
+                "layers": encoder_depth(student),
+                "precision": "int8" if variant.endswith("int8") else "fp32",
+            }
     return {"test_images": int(len(ds)), "variants": rows}, kept
 
 
@@ -406,48 +517,153 @@ def require_fp32_agreement(check: dict, min_agreement: float) -> None:
                 f"the {fp} ONNX export ({rows[fp]['file']}) disagrees with PyTorch (top-1 agreement "
                 f"{rows[fp]['agreement']:.4f}): not publishing it"
             )
+    # A student's fp32 file answers to the student's own PyTorch model (its agreement with the teacher is the gate's).
+    student = rows.get("student_fp32")
+    if student and check["test_images"] and student["agreement_pytorch"] < min_agreement:
+        raise RuntimeError(
+            f"the student's fp32 ONNX export ({student['file']}) disagrees with the student's PyTorch model (top-1 "
+            f"agreement {student['agreement_pytorch']:.4f}): not publishing it"
+        )
+
+
+# Variants the gate may serve. The teacher's fp32 model.onnx is the fallback: it is served when none of these passes,
+# and only require_fp32_agreement (an export check) stands before it.
+GATED_VARIANTS = ("int8", "student_int8", "student_fp32")
+
+
+def variant_cost(row: dict) -> tuple[float, int]:
+    """Sort key of a variant by compute: fewer encoder blocks first, then int8 before fp32 at the same depth.
+
+    Compute is a property of the file; measured latency moves with the machine's load from run to run, and a choice
+    made on it would not be reproducible. An unknown depth (a family lib.model does not list) sorts last.
+    """
+    layers = row.get("layers")
+    return (float("inf") if layers is None else float(layers), 0 if row.get("precision") == "int8" else 1)
+
+
+def gate_verdicts(check: dict, ep: ExportParams) -> list[dict]:
+    """Every gated variant of a check, cheapest first (variant_cost), with whether it passes the gate and why.
+
+    Passing: accuracy drop against the trained PyTorch model <= export.max_accuracy_drop, and top-1 agreement with it
+    >= export.min_agreement for the teacher's int8 file, >= export.min_student_agreement for a student's files.
+    """
+    rows = check["variants"]
+    verdicts = []
+    for variant in sorted((v for v in rows if v in GATED_VARIANTS), key=lambda v: variant_cost(rows[v])):
+        row = rows[variant]
+        need = ep.min_student_agreement if variant.startswith("student") else ep.min_agreement
+        agree, drop = float(row["agreement"]), float(row["accuracy_drop"])
+        if not np.isfinite(agree) or not np.isfinite(drop):
+            passed, why = False, "could not be checked (empty test split)"
+        elif agree < need:
+            passed, why = False, f"top-1 agreement {agree:.4f} < {need}"
+        elif drop > ep.max_accuracy_drop + 1e-12:
+            passed, why = False, f"accuracy drop {drop:.4f} > {ep.max_accuracy_drop}"
+        else:
+            passed, why = True, f"agreement {agree:.4f} >= {need}, accuracy drop {drop:.4f} <= {ep.max_accuracy_drop}"
+        verdicts.append(
+            {
+                "variant": variant,
+                "file": row["file"],
+                "layers": row.get("layers"),
+                "precision": row.get("precision"),
+                "passed": passed,
+                "reason": why,
+            }
+        )
+    return verdicts
 
 
 def choose_variant(check: dict, ep: ExportParams) -> tuple[str, str, str]:
-    """(file, variant, reason): the serving rule (choose_serving) applied to the checked int8 figures."""
-    int8 = check["variants"].get("int8")
-    file, reason = choose_serving(
-        int8["agreement"] if int8 else None,
-        int8["accuracy_drop"] if int8 else None,
-        ep.min_agreement,
-        ep.max_accuracy_drop,
-    )
-    return file, "int8" if file == INT8_FILE else "fp32", reason
+    """(file, variant, reason): the cheapest gated variant that passes (gate_verdicts), else the teacher's fp32 ONNX."""
+    verdicts = gate_verdicts(check, ep)
+    if not verdicts:
+        return FP32_FILE, "fp32", "no int8 model (quantization disabled) and no student: serving fp32 ONNX"
+    chosen = next((v for v in verdicts if v["passed"]), None)
+    cheaper = verdicts[: verdicts.index(chosen)] if chosen else verdicts  # all of them fail
+    failing = "; ".join(f"{v['variant']}: {v['reason']}" for v in cheaper)
+    if chosen is None:
+        return FP32_FILE, "fp32", f"no variant passes the gate ({failing}): serving the trained model's fp32 ONNX"
+    reason = f"{chosen['variant']} is the cheapest variant passing the gate ({chosen['reason']})"
+    if cheaper:
+        reason += f"; cheaper variants fail ({failing})"
+    return chosen["file"], chosen["variant"], f"{reason}: serving {chosen['file']}"
 
 
-def write_results(out: Path, info: dict, check: dict, file: str, reason: str, served: dict, ep: ExportParams) -> dict:
+def export_student(p: Params, out: Path, calibration: np.ndarray | None = None) -> dict | None:
+    """With export.student_layers set: distil a student from <run>/model (lib.distill, the train stage's Trainer) and
+    export it like the teacher into export/student/ (model.standard.onnx, model.onnx, model.int8.onnx; the student's
+    PyTorch folder in model/); return its distillation summary and export info. None without a student. A student
+    folder left by an earlier run is removed first either way."""
+    import shutil
+
+    from lib.distill import run_distillation, student_dir
+
+    work = student_dir(out)
+    shutil.rmtree(work, ignore_errors=True)
+    if p.export.student_layers is None:
+        return None
+    ep = p.export
+    distillation = run_distillation(p, out)
+    return {"distillation": distillation, **export_model(work / "model", work, ep.opset, ep.quantize, calibration)}
+
+
+def write_results(
+    out: Path,
+    info: dict,
+    check: dict,
+    file: str,
+    reason: str,
+    served: dict,
+    ep: ExportParams,
+    student: dict | None = None,
+) -> dict:
     """Write export/serving.json (what the predictor loads) and metrics.json["export"] and ["served"]; return the
-    export result (export info, checks, serving)."""
+    export result (export info, checks, serving; the student's distillation and export info when there is one)."""
+    from lib.distill import STUDENT_DIR
+
     out = Path(out)
-    variant = "int8" if file == INT8_FILE else "fp32"
+    variant = next(v for v, row in check["variants"].items() if row["file"] == file)
     chosen, torch_row = check["variants"][variant], check["variants"]["torch"]
+    # every file of export/ by variant; "standard" runs on any ONNX runtime (the others need ONNX Runtime)
+    files = dict(info["files"])
+    if student:
+        files |= {f"student_{k}": f"{STUDENT_DIR}/{name}" for k, name in student["files"].items()}
     serving = {
         "file": file,
+        "variant": variant,
         "reason": reason,
+        "layers": chosen.get("layers"),
         "agreement": chosen["agreement"],
         "accuracy": chosen["accuracy"],
         "accuracy_torch": torch_row["accuracy"],
         "accuracy_drop": chosen["accuracy_drop"],
         "test_images": check["test_images"],
         "min_agreement": ep.min_agreement,
+        "min_student_agreement": ep.min_student_agreement,
         "max_accuracy_drop": ep.max_accuracy_drop,
+        "gate": gate_verdicts(check, ep),  # every candidate, cheapest first, passed or not and why
         "quantize": ep.quantize,
         "opset": ep.opset,
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
         "temperature": served["temperature"],
-        # every file of export/ by variant; "standard" runs on any ONNX runtime (the others need ONNX Runtime)
-        "files": info["files"],
+        "files": files,
     }
-    result = {**info, **check, "serving": serving}
+    result = {**info, **check, **({"student": student} if student else {}), "serving": serving}
     update_metrics(
         out / "metrics.json",
-        {"export": result, "served": {"backend": "onnx", "variant": variant, "file": f"{EXPORT_DIR}/{file}", **served}},
+        {
+            "export": result,
+            "served": {
+                "backend": "onnx",
+                "variant": variant,
+                "file": f"{EXPORT_DIR}/{file}",
+                "reason": reason,
+                "layers": chosen.get("layers"),
+                **served,
+            },
+        },
     )
     # Last: serving.json marks the stage's outputs as complete (a crash before it leaves no servable export).
     (out / EXPORT_DIR / SERVING_FILE).write_text(json.dumps(serving, indent=2))
@@ -455,10 +671,11 @@ def write_results(out: Path, info: dict, check: dict, file: str, reason: str, se
 
 
 def run_export(p: Params, out: Path) -> dict:
-    """The export stage in one call, the steps 03b_export.ipynb shows one by one: export, fuse and quantize; check
-    every file against PyTorch on the test split; choose the serving file; calibrate it; write serving.json and
-    metrics."""
+    """The export stage in one call, the steps 03b_export.ipynb shows one by one: export, fuse and quantize; distil and
+    export the student (export.student_layers); check every file against PyTorch on the test split; choose the serving
+    file; calibrate it; write serving.json and metrics."""
     from lib.data import load_splits
+    from lib.distill import student_dir
 
     out = Path(out)
     model_dir, export_dir = out / "model", out / EXPORT_DIR
@@ -466,21 +683,31 @@ def run_export(p: Params, out: Path) -> dict:
     splits = load_splits(out / "data")
     calibration = calibration_pixels(splits["validation"], load_spec(model_dir)) if ep.quantize == "static" else None
     info = export_model(model_dir, export_dir, ep.opset, ep.quantize, calibration)
-    check, logits = check_exports(model_dir, export_dir, splits["test"], batch_size=p.evaluate.batch_size)
+    student = export_student(p, out, calibration)
+    check, logits = check_exports(
+        model_dir,
+        export_dir,
+        splits["test"],
+        batch_size=p.evaluate.batch_size,
+        student_dir=student_dir(out) if student else None,
+    )
     require_fp32_agreement(check, ep.min_agreement)
     file, variant, reason = choose_variant(check, ep)
     served = served_calibration(model_dir, export_dir / file, splits["validation"], splits["test"], logits[variant], p)
-    return write_results(out, info, check, file, reason, served, ep)
+    return write_results(out, info, check, file, reason, served, ep, student)
 
 
 def export_table(result: dict) -> Any:
-    """The variants of a check or export result as a pandas DataFrame (size, agreement, accuracy, latency), with a
-    serving column once the result holds the choice."""
+    """The variants of a check or export result as a pandas DataFrame (encoder blocks, precision, size, agreement,
+    accuracy, latency), with the gate's verdict and a serving column once the result holds the choice."""
     import pandas as pd
 
     table = pd.DataFrame(result["variants"]).T
-    cols = ["file", "size_mib", "agreement", "accuracy", "accuracy_drop", "latency_ms"]
+    cols = ["file", "layers", "precision", "size_mib", "agreement", "accuracy", "accuracy_drop", "latency_ms"]
+    cols = [c for c in cols if c in table.columns]  # a check from before layers and precision were recorded
     if "serving" in result:
+        verdicts = {v["variant"]: "passes" if v["passed"] else "fails" for v in result["serving"].get("gate", [])}
+        table["gate"] = [verdicts.get(v, "") for v in table.index]  # blank: not a gated variant (PyTorch, fp32 files)
         table["serving"] = table["file"] == result["serving"]["file"]
-        cols.append("serving")
+        cols += ["gate", "serving"]
     return table[cols]

@@ -50,6 +50,8 @@ def build_model(mp: ModelParams, labels: list[str]) -> tuple[Any, Any, ImageSpec
             attn_implementation=mp.attn_implementation,
             **label_maps(labels),
         )
+        if model.config.model_type in PATCH_INPUT:
+            raise ValueError(f"{name}: {PATCH_INPUT[model.config.model_type]}")
         # The backbone's processor gives size, mean and std; the resize rule is the family's (FAMILIES: crop or squash),
         # with the crop ratio from the params.
         known = FAMILIES.get(model.config.model_type)
@@ -90,6 +92,15 @@ FAMILIES: dict[str, Family] = {
     ),
     "swin": Family(blocks=("encoder.layers",)),
     "convnext": Family(blocks=("encoder.stages",)),
+}
+
+
+# Families whose classifier takes patch sequences, not images: layer freezing and LLRD know them (FAMILIES), but
+# training, evaluation, export and serving feed pixel_values (N, 3, S, S), so the pipeline refuses to build one.
+PATCH_INPUT = {
+    "siglip2": "SigLIP 2 NaFlex (model type siglip2) takes patch sequences with their grid, not images, which this "
+    "pipeline's training, evaluation, export and serving do not produce; use a fixed-resolution SigLIP 2 checkpoint "
+    "(model type siglip, e.g. google/siglip2-base-patch16-224)",
 }
 
 

@@ -326,8 +326,43 @@ class ExportParams(Section):
         0.005,
         ge=0,
         lt=1,
-        description="Test accuracy int8 may lose against PyTorch and still be served (absolute, 0.005: half a "
-        "point); else fp32 ONNX is.",
+        description="Test accuracy a variant (int8, a student) may lose against the trained PyTorch model and still "
+        "be served (absolute, 0.005: half a point); the teacher's fp32 ONNX is served when none passes.",
+    )
+    student_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Encoder blocks of a smaller student cut from the trained model (evenly spread, first and last "
+        "kept) and distilled from it, then exported and offered to the serving gate; null: no student.",
+    )
+    distill_epochs: float = Field(
+        10, gt=0, description="Passes over the training split distilling the student (train's recipe otherwise)."
+    )
+    distill_max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop distilling after this many optimizer steps, whatever distill_epochs says "
+        "(rehearsals, smoke runs).",
+    )
+    distill_temperature: float = Field(
+        2.0,
+        gt=0,
+        description="Temperature of both softmaxes in the distillation loss; above 1 the student also learns the "
+        "teacher's ranking of the wrong classes.",
+    )
+    distill_alpha: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Weight of the distillation term (KL to the teacher at the temperature, times its square); the "
+        "rest goes to cross-entropy with the training labels.",
+    )
+    min_student_agreement: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Share of test images on which a student's top-1 class must equal the trained model's for the "
+        "student to be served (with max_accuracy_drop).",
     )
 
 
@@ -405,7 +440,10 @@ class DashboardParams(Section):
         "from HAR_PORT.",
     )
     max_upload_mib: float = Field(
-        20, gt=0, description="Largest photo accepted, upload or URL, in MiB (the 96 MiB websocket cap bounds it)."
+        20,
+        gt=0,
+        description="Largest photo accepted, upload or URL, in MiB (the Voila server caps a websocket message at "
+        "this + 2 MiB).",
     )
     max_pixels: int = Field(
         40_000_000, ge=1, description="Largest image accepted, in pixels: refuses decompression bombs before decoding."

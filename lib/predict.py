@@ -165,7 +165,8 @@ def read_serving(root: Path) -> dict | None:
 
 
 def onnx_session(path: Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session: full graph optimisation, sequential execution, intra-op threads."""
+    """An ONNX Runtime CPU session: full graph optimisation, sequential execution, intra-op threads that sleep
+    when idle instead of spinning."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -173,6 +174,10 @@ def onnx_session(path: Path, threads: int | None = None) -> Any:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = int(threads) if threads else 0
     so.inter_op_num_threads = 1
+    # Idle ONNX Runtime threads otherwise spin for a while after each run and take the cores from whatever runs
+    # next: another kernel's request, the image decoding of a batch, a PyTorch model in the same process.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 

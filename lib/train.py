@@ -308,14 +308,23 @@ def last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
-def build_trainer(params: Params, model: Any, train_ds: Any, eval_ds: Any, out: Path, optimizer: Any = None) -> Any:
-    """The recipe's Trainer over already transformed datasets (AdamW with param_groups unless given an optimizer)."""
+def build_trainer(
+    params: Params,
+    model: Any,
+    train_ds: Any,
+    eval_ds: Any,
+    out: Path,
+    optimizer: Any = None,
+    trainer_class: type | None = None,
+) -> Any:
+    """The recipe's Trainer over already transformed datasets (AdamW with param_groups unless given an optimizer);
+    trainer_class: a subclass of recipe_trainer_class() to build instead (lib.distill's)."""
     import torch
 
     from lib.data import collate
 
     tp = params.train
-    trainer = recipe_trainer_class()(
+    trainer = (trainer_class or recipe_trainer_class())(
         model=model,
         args=training_arguments(tp, out, params.run.seed),
         train_dataset=train_ds,
@@ -397,9 +406,10 @@ def train(params: Params, out: Path) -> dict:
 
 
 def torchrun_command(
-    params_file: Path, tp: TrainParams, node_rank: int = 0, master: str = "127.0.0.1:29500"
+    params_file: Path, tp: TrainParams, node_rank: int = 0, master: str = "127.0.0.1:29500", module: str = "lib.train"
 ) -> list[str]:
-    """The torchrun command that runs `python -m lib.train` in num_gpus processes on each of `nodes` machines."""
+    """The torchrun command that runs `python -m <module>` (lib.train; lib.distill) in num_gpus processes on each of
+    `nodes` machines."""
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={tp.nodes}",
@@ -407,7 +417,7 @@ def torchrun_command(
         f"--node_rank={node_rank}",
         f"--master_addr={master.split(':')[0]}",
         f"--master_port={master.split(':')[1]}",
-        "-m", "lib.train", str(params_file),
+        "-m", module, str(params_file),
     ]  # fmt: skip
 
 
@@ -425,15 +435,16 @@ def stream(cmd: list[str], env: dict | None = None) -> Iterator[str]:
         raise RuntimeError(f"command failed with exit status {proc.returncode}: {' '.join(cmd)}")
 
 
-def launch_distributed(params_file: Path, tp: TrainParams) -> None:
-    """Launch DDP training with torchrun and stream its progress (for the notebook's output)."""
+def launch_distributed(params_file: Path, tp: TrainParams, module: str = "lib.train") -> None:
+    """Launch DDP training (`python -m <module>`) with torchrun and stream its progress (for the notebook's
+    output)."""
     import torch
 
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
-    for line in stream(torchrun_command(params_file, tp), env=env):
+    for line in stream(torchrun_command(params_file, tp, module=module), env=env):
         print(line, end="", flush=True)
 
 

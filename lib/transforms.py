@@ -43,7 +43,9 @@ class ImageSpec:
 def spec_from_processor(processor: Any, crop_pct: float = 0.875, resize: str = "crop") -> ImageSpec:
     """Build an ImageSpec from a Hugging Face image processor (ViT, DINOv2, BEiT, ConvNeXt, Swin, SigLIP ...): its
     input size, mean and std; the resize rule is resize (lib.model.FAMILIES says which one a family uses)."""
-    size = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
+    # The crop size only where the processor crops: BEiT's keeps a default crop_size with do_center_crop false.
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", None) else None
+    size = crop or getattr(processor, "size", None) or {}
     if isinstance(size, int):
         side = size
     else:  # a dict, or transformers' SizeDict

@@ -1,8 +1,10 @@
-"""lib.bench --quick writes the benchmark JSON; lib.bench.gpu refuses without CUDA and runs --dry-run."""
+"""lib.bench --quick writes the benchmark JSON (reference alone, student, batch classification, ISA flags); served
+ONNX Runtime sessions never spin; lib.bench.gpu refuses without CUDA and runs --dry-run."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,16 +12,22 @@ import torch
 
 from lib.bench import cpu as bench
 from lib.bench import gpu as gpu_bench
+from lib.params import ROOT
 
 torch.set_num_threads(1)
 
 REQUIRED = (
     "latency_ratio_p50",
     "reference_p50_ms",
+    "reference_alone_p50_ms",
     "ours_p50_ms",
     "serving_rss_mib",
     "reference_rss_mib",
     "eval_throughput_ratio",
+    "student_latency_ratio_p50",
+    "student_latency_ratio_p50_alone",
+    "student_rss_mib",
+    "batch_throughput_ratio",
     "serving_model",
 )
 
@@ -40,10 +48,55 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert result["machine"]["cpu"] and result["machine"]["onnxruntime"]
     assert result["rss"]["serving"]["torch_imported"] is False
     assert result["rss"]["reference"]["torch_imported"] is True
+    assert result["rss"]["student"]["torch_imported"] is False
     assert result["eval"]["images"] >= 16
-    assert result["latency"]["reference"]["n"] == result["latency"]["ours"]["n"] == 3
+    assert {"reference", "ours", "student"} <= set(result["latency"])  # and fp32_onnx when int8 is served
+    assert {name: t["n"] for name, t in result["latency"].items()} == {n: 3 for n in result["latency"]}
+    assert {name: t["n"] for name, t in result["latency_alone"].items()} == {n: 3 for n in result["latency"]}
+    assert result["student_layers"] < result["teacher_layers"]
+    for kind in ("served", "student"):
+        assert result["batch"][kind]["images"] == result["eval"]["images"] and result["batch"][kind]["errors"] == 0
+    assert result["batch"]["student"]["variant"] == "int8"
+    assert set(result["machine"]["isa"]) == set(bench.ISA_FLAGS)
     assert list(out.iterdir()) == files  # the temporary work folder is gone
-    assert "latency ratio" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "latency ratio reference/student" in printed and "reference timed alone" in printed
+    assert "ISA: " in printed and "lib.batch, served file" in printed
+
+
+def test_served_sessions_never_spin(tmp_path: Path) -> None:
+    """onnx_session turns ONNX Runtime's idle spinning off, so its threads do not take the cores after a run."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lib.predict import onnx_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    options = onnx_session(path, threads=1).get_session_options()
+    if not hasattr(options, "get_session_config_entry"):
+        pytest.skip("this ONNX Runtime does not expose session config entries")
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
+def test_student_layers_come_from_the_profile(tmp_path: Path) -> None:
+    """--student-layers, else the profile's export.student_layers, else 6 (named as such in the JSON)."""
+    base = re.sub(r"(?m)^\s*student_layers:.*\n", "", (ROOT / "params" / "demo.yaml").read_text())
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(base)
+    with_student = tmp_path / "student.yaml"
+    with_student.write_text(base.replace("export:\n", "export:\n  student_layers: 3\n", 1))
+    assert bench.student_layers(with_student, None) == (3, "export.student_layers of student.yaml")
+    assert bench.student_layers(with_student, 5) == (5, "--student-layers")
+    layers, source = bench.student_layers(plain, None)
+    assert layers == bench.DEFAULT_STUDENT_LAYERS == 6 and "sets no export.student_layers" in source
 
 
 def test_gpu_bench_refuses_without_cuda(

@@ -11,9 +11,20 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import nbformat
+import numpy as np
 import pytest
+import yaml
 
-from lib.compare import find_runs, per_class_f1, plot_histories, plot_metrics, plot_per_class, runs_table
+from lib.compare import (
+    backbone_table,
+    find_runs,
+    per_class_f1,
+    plot_histories,
+    plot_metrics,
+    plot_per_class,
+    plot_tradeoff,
+    runs_table,
+)
 from lib.params import ROOT, load_params, save_params
 
 NOTEBOOK = ROOT / "notebooks" / "05_compare_runs.ipynb"
@@ -140,6 +151,75 @@ def test_plots_are_figures(runs_root: Path):
             plt.close(fig)
 
 
+# (run, Hub id, family, test accuracy, training seconds, served variant, its latency ms, parameters)
+BACKBONES = [
+    ("har_vit", "google/vit-base-patch16-224", "vit", 0.874, 610.0, "int8", 211.5, 85_810_191),
+    ("har_dinov2", "facebook/dinov2-base", "dinov2", 0.902, 745.0, "fp32", 402.0, 86_592_015),
+    ("har_siglip", "google/siglip-base-patch16-224", "siglip", 0.893, 580.0, "int8", 190.25, 92_896_527),
+]
+
+
+def make_backbone_run(root: Path, tmp_path: Path, name, model_id, family, accuracy, seconds, variant, ms, n_params):
+    """A hub-backbone run that went through export: model/config.json, metrics with export and served sections."""
+    run = make_run(root, tmp_path, name, ["model.source=config"], accuracy, calibration=False)
+    tree = yaml.safe_load((run / "params.yaml").read_text())
+    tree["model"].update(source="hub", name_or_path=model_id)
+    (run / "params.yaml").write_text(yaml.safe_dump(tree))
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text(json.dumps({"model_type": family}))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["train"] |= {"train_runtime_s": seconds, "device": "cuda", "parameters": {"total": n_params}}
+    files = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    metrics["export"] = {
+        "variants": {
+            "torch": {"file": "model/model.safetensors", "latency_ms": 999.0},
+            **{v: {"file": f, "latency_ms": ms if v == variant else ms * 1.7} for v, f in files.items()},
+        }
+    }
+    metrics["served"] = {"variant": variant, "file": f"export/{files[variant]}", "accuracy": accuracy - 0.004}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_backbones_side_by_side_with_training_time_and_served_latency(tmp_path: Path):
+    root = tmp_path / "outputs"
+    for row in BACKBONES:
+        make_backbone_run(root, tmp_path, *row)
+    table = runs_table(find_runs(root))
+    assert table.attrs["varying"] == ["model.name_or_path"]
+    side = backbone_table(table)
+    order = sorted(BACKBONES, key=lambda r: -r[3])
+    assert side["run"].tolist() == [r[0] for r in order] == ["har_dinov2", "har_siglip", "har_vit"]
+    assert side["model"].tolist() == [r[1] for r in order]
+    assert side["family"].tolist() == [r[2] for r in order]
+    assert side["train_runtime_s"].tolist() == [r[4] for r in order]
+    assert side["served_file"].tolist() == ["model.onnx", "model.int8.onnx", "model.int8.onnx"]
+    assert side["served_latency_ms"].tolist() == [r[6] for r in order]  # the served variant's, not another's
+    assert side["parameters_m"].tolist() == [86.6, 92.9, 85.8]
+    assert side["served_accuracy"].tolist() == pytest.approx([r[3] - 0.004 for r in order])
+    assert list(side.columns[:3]) == ["run", "model", "family"] and "accuracy" in side.columns
+    figures = [plot_metrics(table), plot_tradeoff(table)]
+    try:
+        assert len(figures[0].axes) == 3  # metrics, training time, served latency (no calibration in these runs)
+        assert len(figures[1].axes[0].collections) == len(BACKBONES)
+    finally:
+        for fig in figures:
+            plt.close(fig)
+
+
+def test_served_latency_is_found_by_file_when_the_variant_name_is_unknown(tmp_path: Path):
+    root = tmp_path / "outputs"
+    run = make_backbone_run(root, tmp_path, *BACKBONES[0])
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["served"]["variant"] = "renamed"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    row = runs_table([run]).iloc[0]
+    assert row["served_latency_ms"] == 211.5 and row["served_file"] == "model.int8.onnx"
+    plain = make_run(root, tmp_path, "no-export", [], 0.5)
+    row = runs_table([plain]).iloc[0]
+    assert row["served_file"] is None and np.isnan(row["served_latency_ms"]) and row["family"] is None
+
+
 def test_notebook_is_committed_clean():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
@@ -202,3 +282,18 @@ def test_notebook_with_no_runs(tmp_path: Path):
     nb = execute(tmp_path, empty)
     assert errors(nb) == []
     assert "No finished runs" in output_text(nb)
+
+
+@pytest.mark.integration
+def test_notebook_compares_backbones(tmp_path: Path):
+    root = tmp_path / "outputs"
+    for row in BACKBONES:
+        make_backbone_run(root, tmp_path, *row)
+    nb = execute(tmp_path, root, "har_*")
+    assert errors(nb) == []
+    text = output_text(nb)
+    for _, model_id, family, *_ in BACKBONES:
+        assert model_id in text and family in text
+    assert "served_latency_ms" in text and "190.25" in text
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 4  # accuracy against latency, metrics, per-class heatmap, training curves

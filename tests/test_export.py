@@ -280,3 +280,41 @@ def test_scale_to_div_rewrites_only_scaled_softmax() -> None:
     assert ops["scores"].op_type == "Div" and ops["other"].op_type == "Mul"
     recip = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}[ops["scores"].input[1]]
     assert float(recip) == 8.0
+
+
+def test_attention_shape_reads_the_vision_tower_and_refuses_per_stage_heads():
+    from lib.export import attention_shape
+
+    assert attention_shape({"num_attention_heads": 12, "hidden_size": 768}) == (12, 768)
+    siglip = {
+        "text_config": {"num_attention_heads": 4, "hidden_size": 64},
+        "vision_config": {"num_attention_heads": 6, "hidden_size": 384},
+    }
+    assert attention_shape(siglip) == (6, 384)
+    assert attention_shape({"num_heads": [3, 6, 12, 24], "embed_dim": 96}) == (0, 0)  # Swin: heads per stage
+    assert attention_shape({"num_attention_heads": [1, 2], "hidden_size": 8}) == (0, 0)
+
+
+def test_fuse_checked_falls_back_to_the_plain_export_when_the_fused_file_disagrees(tmp_path, monkeypatch):
+    """A fused file that computes something else (here: another model's weights) is not kept as model.onnx."""
+    import lib.export as E
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        config = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2}
+        return build_model(
+            ModelParams(source="config", config=config | {"num_attention_heads": 4, "intermediate_size": 64}), ["a"]
+        )[0]
+
+    plain = E.export_torchscript(tiny(0), tmp_path / "plain.onnx", 32, 18)
+    good = E.fuse_checked(plain, tmp_path / "good.onnx", "vit", 4, 32, 32)
+    assert good["applied"] and good["fused_ops"]["Attention"] == 2 and good["max_abs_logit_diff"] < 1e-4
+    other = E.export_torchscript(tiny(1), tmp_path / "other.onnx", 32, 18)
+    real_fuse = E.fuse_for_ort
+    monkeypatch.setattr(E, "fuse_for_ort", lambda raw, dst, *a, **k: real_fuse(other, dst, *a, **k))
+    bad = E.fuse_checked(plain, tmp_path / "bad.onnx", "vit", 4, 32, 32)
+    assert not bad["applied"] and "differ" in bad["reason"] and bad["max_abs_logit_diff"] > 1e-3
+    assert (tmp_path / "bad.onnx").read_bytes() == plain.read_bytes()
+    skipped = E.fuse_checked(plain, tmp_path / "convnext.onnx", "convnext", 0, 0, 32)
+    assert not skipped["applied"] and skipped["reason"].startswith("convnext:") and skipped["fused_ops"] == {}
+    assert (tmp_path / "convnext.onnx").read_bytes() == plain.read_bytes()

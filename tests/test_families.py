@@ -20,7 +20,8 @@ VIT_LIKE = {"image_size": SIDE, "patch_size": 8, "hidden_size": 16, "num_hidden_
 
 
 def tiny_model(family: str):
-    """A seeded random classifier of the family with 3 blocks (stages for Swin and ConvNeXt), 32 px input."""
+    """A seeded random classifier of the family with 3 blocks (stages for Swin and ConvNeXt), 32 px input (ConvNeXt
+    takes any size)."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -31,8 +32,9 @@ def tiny_model(family: str):
         return tf.DeiTForImageClassification(tf.DeiTConfig(**VIT_LIKE, intermediate_size=32, **head))
     if family == "beit":
         return tf.BeitForImageClassification(tf.BeitConfig(**VIT_LIKE, intermediate_size=32, **head))
-    if family == "dinov2":
-        return tf.Dinov2ForImageClassification(tf.Dinov2Config(**VIT_LIKE, mlp_ratio=2, **head))
+    if family == "dinov2":  # position embeddings for 40 px, interpolated to 32 px like the real 518 -> 224
+        cfg = tf.Dinov2Config(**VIT_LIKE | {"image_size": 40}, mlp_ratio=2, **head)
+        return tf.Dinov2ForImageClassification(cfg)
     if family in ("siglip", "siglip2"):
         vision = {k: v for k, v in VIT_LIKE.items() if k != "image_size"} | {"intermediate_size": 32}
         if family == "siglip":
@@ -187,6 +189,28 @@ def test_eval_transform_matches_the_familys_image_processor(name, tmp_path):
     np.testing.assert_allclose(saved, expected, rtol=0, atol=1e-5)
 
 
+def test_the_input_size_is_the_crop_only_where_the_processor_crops(tmp_path):
+    """BEiT's processor keeps a default crop_size of 224 with do_center_crop false: its input is size, not that."""
+    from transformers import AutoImageProcessor
+
+    beit = SIGLIP | {"image_processor_type": "BeitImageProcessor", "size": {"height": 32, "width": 32}}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(beit | {"do_center_crop": False}))
+    own = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    assert own.crop_size["height"] == 224 and spec_from_processor(own, 0.875, "squash").size == 32
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(beit | {"do_center_crop": True, "crop_size": {"height": 24, "width": 24}})
+    )
+    assert spec_from_processor(AutoImageProcessor.from_pretrained(tmp_path, backend="pil"), 0.875).size == 24
+
+
+def test_patch_input_families_are_refused_by_the_pipeline(tmp_path):
+    """SigLIP 2 NaFlex takes patch sequences: building it for training is refused with the reason."""
+    tiny_model("siglip2").save_pretrained(tmp_path / "naflex")
+    (tmp_path / "naflex" / "preprocessor_config.json").write_text(json.dumps(PROCESSORS["siglip-tiny"][0]))
+    with pytest.raises(ValueError, match="NaFlex .* takes patch sequences"):
+        M.build_model(ModelParams(source="local", name_or_path=str(tmp_path / "naflex")), LABELS)
+
+
 def test_a_siglip_backbone_is_built_with_the_squash_transform(tmp_path):
     from lib.transforms import load_spec
 
@@ -202,3 +226,22 @@ def test_a_siglip_backbone_is_built_with_the_squash_transform(tmp_path):
     assert load_spec(tmp_path / "m") == spec
     saved = json.loads((tmp_path / "m" / "preprocessor_config.json").read_text())
     assert saved["size"] == {"height": SIDE, "width": SIDE} and not saved["do_center_crop"]
+
+
+@pytest.mark.parametrize("name", ["har_vit", "har_vit_reference", "har_dinov2", "har_siglip"])
+def test_the_model_card_names_each_profiles_hub_backbone(name):
+    import yaml
+
+    from lib.params import ROOT, load_params
+    from lib.registry.card import card_data
+
+    p = load_params(ROOT / "params" / f"{name}.yaml")
+    assert p.model.source == "hub"
+    data = card_data(p.publish.model_name, {"accuracy": 0.5}, yaml.safe_load(yaml.safe_dump(p.model_dump())))
+    assert data.base_model == p.model.name_or_path
+    assert data.base_model in {
+        "google/vit-base-patch16-224",
+        "google/vit-base-patch16-224-in21k",
+        "facebook/dinov2-base",
+        "google/siglip-base-patch16-224",
+    }

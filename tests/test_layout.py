@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lib.params import ROOT
 
-OPERATIONS = ("lib.registry", "lib.dashboard", "lib.bench", "lib.rehearsal", "lib.demo")
+OPERATIONS = ("lib.registry", "lib.dashboard", "lib.batch", "lib.bench", "lib.rehearsal", "lib.demo")
 ALLOWED = {("lib/data.py", "lib.demo.synthetic")}  # data.source: embedded writes the generated image folder
 
 

@@ -28,6 +28,7 @@ def shrunk(tmp_path, *extra):
         "data.val_fraction=0.15",
         "data.test_fraction=0.2",
         "train.epochs=1",
+        "export.distill_epochs=1",
         "evaluate.n_mistakes=4",
         f"publish.registry={tmp_path / 'registry'}",
         "publish.gate.enabled=false",

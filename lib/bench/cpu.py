@@ -3,11 +3,15 @@
 python -m lib.bench [--model-dir RUN] [--images DIR] [--quick] [--out outputs/bench]
 
 Measures, on the ViT-B/16 architecture at 224 px (random weights unless a trained run is given), with 2 threads:
-1. latency per image, batch 1: HF image processor + PyTorch fp32 model (reference) vs load_predictor (ours),
-   alternated image by image so that drift on a shared machine cancels in the pair-by-pair ratio;
+1. latency per image, batch 1: HF image processor + PyTorch fp32 model (reference) vs load_predictor (ours) and
+   vs the int8 student of export.student_layers blocks (lib.distill.build_student). Each path is first timed
+   alone, the reference before any ONNX Runtime session exists; then the paths are alternated image by image so
+   that drift on a shared machine cancels in the pair-by-pair ratio. Our sessions never spin between runs
+   (lib.predict.onnx_session), so they leave the cores to the reference in between;
 2. peak RSS of a fresh process that loads each path and predicts once;
 3. evaluation throughput over >= 500 images: the reference per-image loop vs dataset_logits (the evaluate
-   stage's batched path) and vs batched ONNX Runtime (the export stage's check path).
+   stage's batched path), vs batched ONNX Runtime (the export stage's check path) and vs batch classification
+   (lib.batch: draft decoding in threads ahead of batched ONNX Runtime), served model and student.
 """
 
 from __future__ import annotations
@@ -29,14 +33,27 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lib.batch.images import IMAGE_SUFFIXES
 from lib.labels import HAR_CLASSES
 from lib.params import ROOT
 from lib.predict import EXPORT_DIR, SERVING_FILE, load_predictor, model_folder, read_serving
 
 HAR_LABELS = list(HAR_CLASSES)  # labels of the generated benchmark photos
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-# Instruction sets that decide fp32 GEMM and int8 (VNNI, AMX) speed on x86.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+# Instruction sets that decide fp32 GEMM and int8 speed on x86 (/proc/cpuinfo names): without VNNI (AVX-512 or
+# AVX-VNNI) int8 GEMM gains little over fp32; AMX adds int8 and bf16 tile units.
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+DEFAULT_STUDENT_LAYERS = 6  # when the profile sets no export.student_layers: half of ViT-B/16's 12 blocks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     ap.add_argument("--iters", type=int, help="latency pairs (default 40, quick 3)")
     ap.add_argument("--eval-images", type=int, help="images for the throughput comparison (default 500, quick 16)")
-    ap.add_argument("--eval-batch", type=int, default=32, help="batch size of our evaluation paths")
+    ap.add_argument("--eval-batch", type=int, default=32, help="batch size of our evaluation and batch paths")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=ROOT / "params" / "har_vit.yaml",
+        help="profile whose export.student_layers sizes the student (default params/har_vit.yaml)",
+    )
+    ap.add_argument("--student-layers", type=int, help="encoder blocks of the student (default: from --profile)")
     return ap.parse_args(argv)
 
 
@@ -174,6 +198,36 @@ def prepare_export(root: Path, work: Path, random_weights: bool) -> tuple[Path, 
     }
     (work / EXPORT_DIR / SERVING_FILE).write_text(json.dumps(serving, indent=2))
     return work, serving
+
+
+def student_layers(profile: Path, override: int | None) -> tuple[int, str]:
+    """The student's depth and where it came from: the override, export.student_layers of the profile, or
+    DEFAULT_STUDENT_LAYERS when the profile sets none."""
+    from lib.params import load_params
+
+    if override:
+        return int(override), "--student-layers"
+    layers = getattr(load_params(profile).export, "student_layers", None)
+    if layers:
+        return int(layers), f"export.student_layers of {profile.name}"
+    return DEFAULT_STUDENT_LAYERS, f"{profile.name} sets no export.student_layers: {DEFAULT_STUDENT_LAYERS} blocks"
+
+
+def build_student_run(model_dir: Path, work: Path, layers: int) -> Path:
+    """work/student: lib.distill.build_student's cut of the model (not distilled: its speed and memory do not depend
+    on its weights) with the teacher's preprocessing, exported like the teacher and served as int8."""
+    from lib.distill import build_student
+    from lib.export import INT8_FILE, export_model
+    from lib.model import load_model, save_model
+    from lib.transforms import load_spec
+
+    root = work / "student"
+    student = build_student(load_model(model_dir), layers)
+    save_model(student, None, load_spec(model_dir), root / "model")
+    info = export_model(root / "model", root / EXPORT_DIR, opset=18, quantize="dynamic")
+    serving = {"file": INT8_FILE, "files": info["files"], "reason": f"{layers}-block student, int8"}
+    (root / EXPORT_DIR / SERVING_FILE).write_text(json.dumps(serving, indent=2))
+    return root
 
 
 def reference_path(model_dir: Path) -> Callable[[Image.Image], np.ndarray]:
@@ -304,9 +358,11 @@ def eval_dataset(paths: list[Path]) -> Any:
     return Dataset.from_dict({"image": [str(p) for p in paths], "label": labels}, features=features)
 
 
-def eval_throughput(root: Path, model_dir: Path, paths: list[Path], batch_size: int, threads: int) -> dict:
+def eval_throughput(
+    root: Path, model_dir: Path, paths: list[Path], batch_size: int, threads: int
+) -> tuple[dict, np.ndarray]:
     """Images/s over the same images: reference per-image loop, dataset_logits (torch, batched), batched ONNX
-    (the served file)."""
+    (the served file); and the reference's top-1 class of each image."""
     import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -343,7 +399,42 @@ def eval_throughput(root: Path, model_dir: Path, paths: list[Path], batch_size: 
         ),
         "top1_agreement_dataset_logits_vs_reference": float(np.mean(ours.argmax(1) == ref.argmax(1))),
         "top1_agreement_onnx_vs_reference": float(np.mean(onnx_logits.argmax(1) == ref.argmax(1))),
+    }, ref.argmax(1)
+
+
+def batch_throughput(root: Path, folder: Path, out: Path, reference_top1: np.ndarray, args: argparse.Namespace) -> dict:
+    """lib.batch over a folder of links named by image index: its own images/s (decoding, inference and writing the
+    parts) and end to end (model loading and summary included); top-1 agreement with the reference loop."""
+    import pandas as pd
+
+    from lib.batch.classify import classify
+
+    start = time.perf_counter()
+    summary = classify(
+        str(root), folder, out, batch_size=args.eval_batch, threads=args.threads, workers=2, progress=False
+    )
+    wall = time.perf_counter() - start
+    table = pd.read_parquet(out / "predictions.parquet")
+    index = table["path"].str.slice(0, 5).astype(int).to_numpy()
+    top1 = np.asarray([HAR_LABELS.index(label) for label in table["label"]])
+    return {
+        "images": int(summary["images_classified"]),
+        "errors": int(summary["errors"]),
+        "variant": summary["variant"],
+        "images_per_s": summary["run"]["images_per_s"],
+        "end_to_end_images_per_s": summary["images_classified"] / wall,
+        "batch_size": args.eval_batch,
+        "decode_workers": 2,
+        "top1_agreement_vs_reference": float(np.mean(top1 == reference_top1[index])),
     }
+
+
+def link_images(paths: list[Path], folder: Path) -> Path:
+    """A folder of links to paths, named by position (a file listed twice gets two names)."""
+    folder.mkdir(parents=True)
+    for i, path in enumerate(paths):
+        (folder / f"{i:05d}_{path.name}").symlink_to(path.resolve())
+    return folder
 
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -369,12 +460,27 @@ def run_bench(args: argparse.Namespace) -> dict:
         serve_root, serving = prepare_export(root, work, random_weights)
         export_s = time.time() - start
         model_dir = model_folder(serve_root)
+        layers, layers_source = student_layers(args.profile, args.student_layers)
+        teacher_layers = int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+        if args.quick:  # the tiny model has fewer blocks than a real student keeps
+            layers, layers_source = max(1, teacher_layers // 2), "quick: half of the tiny model's blocks"
+        start = time.time()
+        student_root = build_student_run(model_dir, work, layers)
+        student_export_s = time.time() - start
+        images = [open_rgb(p) for p in files[: min(len(files), max(iters, 8))]]
+
+        # The reference alone, before this process holds any ONNX Runtime session.
+        reference = reference_path(model_dir)
+        before = cpu_snapshot()
+        alone = alternate({"reference": reference}, images, iters)
         ours = load_predictor(serve_root, backend="onnx", threads=args.threads)
-        fp32_path = serve_root / EXPORT_DIR / "model.onnx"
+        student = load_predictor(student_root, backend="onnx", threads=args.threads)
         paths: dict[str, Callable[[Image.Image], Any]] = {
-            "reference": reference_path(model_dir),
+            "reference": reference,
             "ours": lambda im, served=ours: served.predict_proba([im]),
+            "student": lambda im, served=student: served.predict_proba([im]),
         }
+        fp32_path = serve_root / EXPORT_DIR / "model.onnx"
         if fp32_path.is_file() and Path(ours.model_file).name != fp32_path.name:
             from lib.predict import Predictor, onnx_runner, onnx_session
 
@@ -387,24 +493,40 @@ def run_bench(args: argparse.Namespace) -> dict:
                 str(fp32_path),
             )
             paths["fp32_onnx"] = lambda im: fp32.predict_proba([im])
-        images = [open_rgb(p) for p in files[: min(len(files), max(iters, 8))]]
+        for name, path in paths.items():
+            if name != "reference":
+                alone |= alternate({name: path}, images, iters)
+        contention = {"latency_alone": others_percent(before, cpu_snapshot())}
         before = cpu_snapshot()
         times = alternate(paths, images, iters)
-        contention = {"latency": others_percent(before, cpu_snapshot())}
+        contention["latency"] = others_percent(before, cpu_snapshot())
         ratios = np.asarray(times["reference"]) / np.asarray(times["ours"])
+        student_ratios = np.asarray(times["reference"]) / np.asarray(times["student"])
         latency = {name: percentiles(t) for name, t in times.items()}
+        latency_alone = {name: percentiles(t) for name, t in alone.items()}
         rss = {
             "reference": peak_rss("reference", model_dir, files[0], args.threads),
             "serving": peak_rss("serving", serve_root, files[0], args.threads),
+            "student": peak_rss("serving", student_root, files[0], args.threads),
         }
         if "fp32_onnx" in paths:
             rss["fp32_onnx"] = peak_rss(str(fp32_path), serve_root, files[0], args.threads)
-        del paths, ours
+        del paths, ours, student, reference
         before = cpu_snapshot()
-        throughput = eval_throughput(serve_root, model_dir, files[:n_eval], args.eval_batch, args.threads)
+        throughput, reference_top1 = eval_throughput(
+            serve_root, model_dir, files[:n_eval], args.eval_batch, args.threads
+        )
         contention["eval"] = others_percent(before, cpu_snapshot())
+        linked = link_images(files[:n_eval], work / "batch-images")
+        before = cpu_snapshot()
+        batch = {
+            "served": batch_throughput(serve_root, linked, work / "batch-served", reference_top1, args),
+            "student": batch_throughput(student_root, linked, work / "batch-student", reference_top1, args),
+        }
+        contention["batch"] = others_percent(before, cpu_snapshot())
     info["load_average_end"] = list(os.getloadavg())
     info["other_processes_cpu_percent"] = contention
+    ref_rate = throughput["reference_images_per_s"]
     result = {
         "timestamp": stamp,
         "machine": info,
@@ -417,23 +539,39 @@ def run_bench(args: argparse.Namespace) -> dict:
             "images": str(args.images) if args.images else "synthetic JPEGs",
             "latency_pairs": iters,
             "export_seconds": round(export_s, 1),
+            "student_export_seconds": round(student_export_s, 1),
+            "onnxruntime_spinning": "off (session.intra_op / inter_op.allow_spinning = 0)",
         },
         "serving_model": Path(serving["file"]).name,
         "serving_reason": serving.get("reason", ""),
         "fused_ops": serving.get("fused_ops"),
         "reference_p50_ms": latency["reference"]["p50_ms"],
         "reference_p95_ms": latency["reference"]["p95_ms"],
+        "reference_alone_p50_ms": latency_alone["reference"]["p50_ms"],
         "ours_p50_ms": latency["ours"]["p50_ms"],
         "ours_p95_ms": latency["ours"]["p95_ms"],
         "latency_ratio_p50": latency["reference"]["p50_ms"] / latency["ours"]["p50_ms"],
         "latency_ratio_pairwise_median": float(np.median(ratios)),
+        "latency_ratio_p50_alone": latency_alone["reference"]["p50_ms"] / latency_alone["ours"]["p50_ms"],
         "latency": latency,
+        "latency_alone": latency_alone,
+        "student_layers": layers,
+        "student_layers_source": layers_source,
+        "teacher_layers": teacher_layers,
+        "student_p50_ms": latency["student"]["p50_ms"],
+        "student_latency_ratio_p50": latency["reference"]["p50_ms"] / latency["student"]["p50_ms"],
+        "student_latency_ratio_pairwise_median": float(np.median(student_ratios)),
+        "student_latency_ratio_p50_alone": latency_alone["reference"]["p50_ms"] / latency_alone["student"]["p50_ms"],
         "serving_rss_mib": rss["serving"]["peak_rss_mib"],
         "reference_rss_mib": rss["reference"]["peak_rss_mib"],
+        "student_rss_mib": rss["student"]["peak_rss_mib"],
         "rss": rss,
         "eval": throughput,
-        "eval_throughput_ratio": throughput["dataset_logits_images_per_s"] / throughput["reference_images_per_s"],
-        "eval_onnx_throughput_ratio": throughput["onnx_batched_images_per_s"] / throughput["reference_images_per_s"],
+        "eval_throughput_ratio": throughput["dataset_logits_images_per_s"] / ref_rate,
+        "eval_onnx_throughput_ratio": throughput["onnx_batched_images_per_s"] / ref_rate,
+        "batch": batch,
+        "batch_throughput_ratio": batch["served"]["images_per_s"] / ref_rate,
+        "batch_student_throughput_ratio": batch["student"]["images_per_s"] / ref_rate,
     }
     return result
 
@@ -441,26 +579,41 @@ def run_bench(args: argparse.Namespace) -> dict:
 def format_table(r: dict) -> str:
     """The result as a plain-text table."""
 
-    def row(name: str, t: dict, rss: float) -> str:
-        return f"{name:<44}{t['p50_ms']:>9.1f}{t['p95_ms']:>9.1f}{rss:>14.0f}"
+    def row(name: str, t: dict, rss: float, alone: dict | None = None) -> str:
+        solo = f"{alone['p50_ms']:>9.1f}" if alone else f"{'':>9}"
+        return f"{name:<44}{t['p50_ms']:>9.1f}{t['p95_ms']:>9.1f}{solo}{rss:>14.0f}"
 
-    m, lat, ev = r["machine"], r["latency"], r["eval"]
+    m, lat, solo, ev, b = r["machine"], r["latency"], r["latency_alone"], r["eval"], r["batch"]
     busy = m["other_processes_cpu_percent"]
+    isa = " ".join(flag for flag, present in m["isa"].items() if present) or "none of " + ", ".join(m["isa"])
     lines = [
         f"machine: {m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB; threads {r['settings']['threads']}; "
-        f"other processes used {busy['latency']:.0f}% (latency) / {busy['eval']:.0f}% (eval) of the CPUs",
-        f"model: {r['settings']['model']}; images: {r['settings']['images']}; served: {r['serving_model']}",
+        "other processes used " + " / ".join(f"{busy[k]:.0f}% ({k.replace('_', ' ')})" for k in busy) + " of the CPUs",
+        f"ISA: {isa}",
+        f"model: {r['settings']['model']}; images: {r['settings']['images']}; served: {r['serving_model']}; "
+        f"student: {r['student_layers']} of {r['teacher_layers']} blocks, int8 ({r['student_layers_source']})",
         "",
-        f"{'path':<44}{'p50 ms':>9}{'p95 ms':>9}{'peak RSS MiB':>14}",
-        row("reference: HF processor + PyTorch fp32, b=1", lat["reference"], r["reference_rss_mib"]),
-        row("ours: load_predictor -> " + r["serving_model"], lat["ours"], r["serving_rss_mib"]),
+        f"{'path (alternated; alone = own block)':<44}{'p50 ms':>9}{'p95 ms':>9}{'alone':>9}{'peak RSS MiB':>14}",
+        row("reference: HF processor + PyTorch fp32, b=1", lat["reference"], r["reference_rss_mib"], solo["reference"]),
+        row("ours: load_predictor -> " + r["serving_model"], lat["ours"], r["serving_rss_mib"], solo["ours"]),
+        row(
+            f"student: {r['student_layers']} blocks, model.int8.onnx",
+            lat["student"],
+            r["student_rss_mib"],
+            solo["student"],
+        ),
     ]
     if "fp32_onnx" in lat:
         rss = r["rss"].get("fp32_onnx", {}).get("peak_rss_mib", float("nan"))
-        lines.append(row("(fp32 ONNX, same preprocessing)", lat["fp32_onnx"], rss))
+        lines.append(row("(fp32 ONNX, same preprocessing)", lat["fp32_onnx"], rss, solo.get("fp32_onnx")))
     lines += [
         f"latency ratio reference/ours: p50 {r['latency_ratio_p50']:.2f}x, "
-        f"pair-by-pair median {r['latency_ratio_pairwise_median']:.2f}x",
+        f"pair-by-pair median {r['latency_ratio_pairwise_median']:.2f}x, alone {r['latency_ratio_p50_alone']:.2f}x",
+        f"latency ratio reference/student: p50 {r['student_latency_ratio_p50']:.2f}x, "
+        f"pair-by-pair median {r['student_latency_ratio_pairwise_median']:.2f}x, "
+        f"alone {r['student_latency_ratio_p50_alone']:.2f}x",
+        f"reference timed alone (no ONNX Runtime session in the process yet): p50 {r['reference_alone_p50_ms']:.1f} ms"
+        f" vs {r['reference_p50_ms']:.1f} ms alternated",
         "",
         f"evaluation throughput over {ev['images']} images (images/s):",
         f"  reference per-image loop       {ev['reference_images_per_s']:8.2f}",
@@ -468,6 +621,10 @@ def format_table(r: dict) -> str:
         f"  -> {r['eval_throughput_ratio']:.2f}x",
         f"  batched ONNX (export check)    {ev['onnx_batched_images_per_s']:8.2f}"
         f"  -> {r['eval_onnx_throughput_ratio']:.2f}x",
+        f"  lib.batch, served file         {b['served']['images_per_s']:8.2f}"
+        f"  -> {r['batch_throughput_ratio']:.2f}x (end to end {b['served']['end_to_end_images_per_s']:.2f})",
+        f"  lib.batch, student             {b['student']['images_per_s']:8.2f}"
+        f"  -> {r['batch_student_throughput_ratio']:.2f}x (end to end {b['student']['end_to_end_images_per_s']:.2f})",
     ]
     if max(busy.values()) > 5:
         lines.append(

@@ -1,9 +1,12 @@
-"""GPU benchmark for a lent accelerator machine: training and evaluation images/s of ViT-B/16.
+"""GPU benchmark for a lent accelerator machine: training and evaluation images/s of ViT-B/16, and training images/s
+of each profile's backbone.
 
-python -m lib.bench.gpu [--out outputs/bench] [--batch 128] [--budget-s 420]
+python -m lib.bench.gpu [--out outputs/bench] [--batch 128] [--budget-s 420] [--backbones vit dinov2 siglip]
 python -m lib.bench.gpu --dry-run          # tiny settings, runs on the CPU, for tests
 
 Training (random init, synthetic tensors, AdamW): bf16 autocast + SDPA attention vs plain fp32 eager (TF32 off).
+Per backbone (har_vit: ViT-B/16, har_dinov2: DINOv2-base ViT-B/14, har_siglip: SigLIP-base ViT-B/16 vision tower),
+bf16 autocast + SDPA at the profiles' 224 px.
 Evaluation: ours (batched, bf16 autocast, SDPA, inference_mode; model-only and end to end through
 lib.predict.dataset_logits) vs the per-image fp32 loop (HF image processor + model, batch 1).
 Refuses to run without CUDA unless --dry-run: CPU numbers are never reported as GPU numbers.
@@ -26,6 +29,8 @@ import numpy as np
 
 from lib.params import ROOT
 
+BACKBONES = ("vit", "dinov2", "siglip")  # har_vit, har_dinov2, har_siglip
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
@@ -39,6 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-images", type=int, help="images for the end-to-end evaluation (default 2048, dry run 8)")
     ap.add_argument("--loop-images", type=int, help="images for the per-image fp32 loop (default 200, dry run 4)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new parts after this many seconds")
+    ap.add_argument(
+        "--backbones",
+        nargs="*",
+        choices=BACKBONES,
+        default=list(BACKBONES),
+        help="backbones whose bf16 + SDPA training images/s are measured (none: skip)",
+    )
     return ap.parse_args(argv)
 
 
@@ -53,13 +65,36 @@ def vit_config(dry_run: bool, attn: str) -> Any:
     return cfg
 
 
-def new_model(dry_run: bool, attn: str, device: str) -> Any:
-    """A randomly initialised ViTForImageClassification on the device."""
+def new_model(dry_run: bool, attn: str, device: str, backbone: str = "vit") -> Any:
+    """A randomly initialised classifier with 15 labels on the device: ViT-B/16 (vit_config), or another profile's
+    backbone (backbone_classifier)."""
     import torch
     from transformers import ViTForImageClassification
 
     torch.manual_seed(0)
+    if backbone != "vit":
+        return backbone_classifier(backbone, dry_run, attn).to(device)
     return ViTForImageClassification(vit_config(dry_run, attn)).to(device)
+
+
+def backbone_classifier(backbone: str, dry_run: bool, attn: str) -> Any:
+    """DINOv2-base (position embeddings for 518 px, as facebook/dinov2-base) or SigLIP-base's vision tower with a
+    15-class head; the tiny stand-ins of lib.rehearsal.hub_cache for a dry run."""
+    import transformers as tf
+
+    from lib.rehearsal.hub_cache import TINY_DINOV2, TINY_SIGLIP_TEXT, TINY_VIT
+
+    if backbone == "dinov2":
+        model = tf.Dinov2ForImageClassification(
+            tf.Dinov2Config(**(TINY_DINOV2 if dry_run else {"image_size": 518, "patch_size": 14}), num_labels=15)
+        )
+    elif backbone == "siglip":
+        tiny = {"vision_config": TINY_VIT, "text_config": TINY_SIGLIP_TEXT} if dry_run else {}
+        model = tf.SiglipForImageClassification(tf.SiglipConfig(**tiny, num_labels=15))
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
+    model.set_attn_implementation(attn)
+    return model
 
 
 def sync(device: str) -> None:
@@ -70,13 +105,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_speed(dry_run: bool, device: str, mode: str, batch: int, steps: int, warmup: int = 3) -> dict:
-    """Training images/s: mode 'bf16_sdpa' (bf16 autocast + SDPA) or 'fp32_eager' (fp32, eager attention, TF32 off)."""
+def train_speed(
+    dry_run: bool, device: str, mode: str, batch: int, steps: int, warmup: int = 3, backbone: str = "vit"
+) -> dict:
+    """Training images/s: mode 'bf16_sdpa' (bf16 autocast + SDPA) or 'fp32_eager' (fp32, eager attention, TF32 off),
+    at the profiles' input size: 224 px (DINOv2's 518-px position embeddings interpolated); tiny sizes in a dry run."""
     import torch
 
     attn = "sdpa" if mode == "bf16_sdpa" else "eager"
-    model = new_model(dry_run, attn, device).train()
-    size = model.config.image_size
+    model = new_model(dry_run, attn, device, backbone).train()
+    size = model.config.image_size if backbone == "vit" else 32 if dry_run else 224
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 15, (batch,), device=device)
@@ -108,6 +146,8 @@ def train_speed(dry_run: bool, device: str, mode: str, batch: int, steps: int, w
         torch.cuda.empty_cache()
     return {
         "mode": mode,
+        "backbone": backbone,
+        "image_size": size,
         "batch": batch,
         "steps": steps,
         "seconds": seconds,
@@ -234,6 +274,22 @@ def run(args: argparse.Namespace) -> dict:
         result["train_speedup_bf16_sdpa"] = (
             result["train"]["bf16_sdpa"]["images_per_s"] / result["train"]["fp32_eager"]["images_per_s"]
         )
+    result["train_backbones"] = {}
+    for backbone in args.backbones:
+        if backbone == "vit" and "bf16_sdpa" in result["train"]:
+            result["train_backbones"][backbone] = result["train"]["bf16_sdpa"]
+            continue
+        if time.perf_counter() - begin > args.budget_s:
+            result["skipped"].append(f"train {backbone}")
+            continue
+        try:
+            result["train_backbones"][backbone] = train_speed(dry, device, "bf16_sdpa", batch, steps, backbone=backbone)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            result["train_backbones"][backbone] = train_speed(
+                dry, device, "bf16_sdpa", batch // 2, steps, backbone=backbone
+            )
+        print(f"train {backbone} bf16_sdpa: {result['train_backbones'][backbone]['images_per_s']:.1f} images/s")
     if time.perf_counter() - begin > args.budget_s:
         result["skipped"].append("eval")
     else:

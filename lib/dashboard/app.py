@@ -36,6 +36,9 @@ THUMB_SIDE = 320
 OVERLAY_SIDE = 224
 KEEP_RESULTS = 24
 OCCLUSION_GRID = 8
+# Images per model run (occlusion maps run grid^2 + 1): ONNX Runtime's memory arena keeps the buffers of its largest
+# run for the kernel's life. With ViT-B/16 int8 a kernel held 459 MiB after an occlusion map in runs of 16, 292 in 4.
+PREDICT_BATCH = 4
 # The file chooser's filter: image/* alone hides .heic files where the system has no MIME type for them.
 UPLOAD_ACCEPT = "image/*,.heic,.heif"
 URL_TIMEOUT_S = 10.0
@@ -104,7 +107,9 @@ def model_folder(p: DashboardParams, environ: Mapping[str, str] | None = None) -
     """The model version folder: HAR_MODEL_DIR when set (pre-pulled), else pulled from the registry (cached)."""
     environ = os.environ if environ is None else environ
     if environ.get("HAR_MODEL_DIR"):
-        root = Path(environ["HAR_MODEL_DIR"]).expanduser()
+        # Resolved once: the bootstrap swaps this link to roll a new version, and a kernel starting during the swap
+        # must read every file from one version.
+        root = Path(environ["HAR_MODEL_DIR"]).expanduser().resolve()
         if not (root / "model").is_dir():
             raise FileNotFoundError(f"HAR_MODEL_DIR={root} holds no model/ folder")
         return root
@@ -139,6 +144,7 @@ def load_bundle(p: DashboardParams, environ: Mapping[str, str] | None = None) ->
     root = model_folder(p, environ)
     threads = env_int(environ, "HAR_THREADS", 0, 0) or None
     predictor = load_predictor(root, backend=p.backend, device=p.device, threads=threads)
+    predictor.batch_size = PREDICT_BATCH
     manifest = read_json(root / "manifest.json", default={})
     metrics = read_json(root / "metrics.json", default={})
     config = read_json(root / "model" / "config.json", default={})
@@ -347,6 +353,11 @@ def render_model_info(bundle: ModelBundle, p: DashboardParams) -> str:
         + render_demo_warning(bundle)
         + f"<br><b>Test metrics</b> {_e(metrics)}"
         + (f"<br><b>As served</b> {_e(served)}" if served else "")
+        + (
+            f'<details class="har-served-why"><summary>why this file</summary>{_e(sv["reason"])}</details>'
+            if served and sv.get("reason")  # the export stage's gate: the cheapest variant that passes, or fallback
+            else ""
+        )
         + f"<br><b>Runtime</b> {_e(backend)} on {_e(p.device)} · top {p.top_k}"
         f"<details><summary>{len(bundle.predictor.labels)} actions it knows</summary>{labels}</details></div>"
     )

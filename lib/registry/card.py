@@ -210,6 +210,8 @@ def model_card(
             "The table below is the trained PyTorch model as evaluated (with flip averaging when `tta_flip` is on).",
             "",
         ]
+        if served.get("reason"):  # the export stage's serving gate: the cheapest variant that passes, or the fallback
+            lines += [f"Why this file: {served['reason']}.", ""]
     lines += _table(metrics_summary(metrics).items(), ("metric", "value"), fixed=True)
     if per_class:
         lines += ["", "## Per class", ""]

@@ -1,19 +1,21 @@
-"""Rehearsal of the real profile: every stage at full size (ViT-B/16), offline, on this machine (CPU or one GPU).
+"""Rehearsal of a real profile: every stage at full size (ViT-B/16, DINOv2-base, SigLIP-base), offline, on this
+machine (CPU or one GPU).
 
-    make rehearsal                                   # python -m lib.rehearsal
+    make rehearsal [PROFILE=params/har_dinov2.yaml]   # python -m lib.rehearsal --profile ...
     python -m lib.rehearsal --dry-run [--device cuda]   # the plan only: overrides, key coverage, commands
 
 Steps, each in its own process, timed, with the peak RSS and PSS of its process tree sampled:
-  caches        offline Hugging Face caches in the work folder: seeded random ViT-B/16 snapshots of
-                google/vit-base-patch16-224 (1000-class head) and -in21k (ViTModel with pooler, no head), and an
+  caches        offline Hugging Face caches in the work folder: seeded random full-size snapshots of the Hub ids
+                the runs load (lib.rehearsal.hub_cache.HUB_MODELS: each repo's architecture and processor), and an
                 Arrow cache of Bingsu/Human_Action_Recognition holding the real photos of ../shared/data/har_sample
                 (the embedded generator's images when that folder is missing);
-  prepare .. publish   params/har_vit.yaml through every stage (`python -m lib.pipeline --stages X`) against moto's
-                S3 on 127.0.0.1 with fake credentials. publish_gate runs the profile's own gate, which must refuse
-                (random weights) with nothing uploaded; publish then runs with the gate off and really uploads;
+  prepare .. publish   the profile (default params/har_vit.yaml) through every stage (`python -m lib.pipeline
+                --stages X`) against moto's S3 on 127.0.0.1 with fake credentials. publish_gate runs the profile's
+                own gate, which must refuse (random weights) with nothing uploaded; publish then runs with the gate
+                off and really uploads;
   dashboard     Voila as `make dashboard` runs it pulls the published version from the moto S3 into a fresh cache;
                 headless Chromium uploads a photo and waits for the top-k labels; kernel and server RSS;
-  reference/*   params/har_vit_reference.yaml through prepare, train and evaluate on the same caches;
+  reference/*   with har_vit.yaml only: params/har_vit_reference.yaml through prepare, train and evaluate;
   gpu_bench     on a CUDA machine only: python -m lib.bench.gpu.
 Only run-length/size keys and the registry location may differ from the profile (OVERRIDABLE); anything else is
 refused. Prints a table and writes outputs/rehearsal/<timestamp>.json; exits 1 when a step failed.
@@ -81,6 +83,11 @@ CPU_WORKERS = 1
 GPU_PER_CLASS = 100
 GPU_EPOCHS = 1
 GPU_BENCH_BUDGET_S = 120  # keeps the whole GPU rehearsal within one 8-minute call
+# Distillation of the export stage's student (export.student_layers), on the CPU: 4 optimizer steps of 16 images
+# (half an epoch). Estimated from the figures above: a 6-block student's forward + backward and the 12-block
+# teacher's forward cost ~0.6 s per image, so ~40 s of steps; with the student's ONNX export and its checks the
+# export stage grows by ~90 s. On a GPU, one epoch like the train stage.
+CPU_DISTILL_STEPS = 4
 
 # The keys a rehearsal may change: how long and how big the run is, where its outputs and its registry go.
 # Every other key runs at the profile's value, so the rehearsal exercises the recipe itself.
@@ -88,6 +95,7 @@ OVERRIDABLE: dict[str, str] = {
     "run.name": "rehearsal run folder",
     "run.output_root": "rehearsal work folder",
     "train.max_steps": "run length",
+    "export.distill_max_steps": "run length (the student's distillation, when export.student_layers is set)",
     "train.epochs": "run length (the rehearsal sets max_steps when TrainParams has it, epochs otherwise)",
     "train.batch_size": "size: memory and seconds per step on this machine",
     "train.num_workers": "size: DataLoader processes on this machine",
@@ -155,9 +163,14 @@ def with_length(profile: Path, device: str, n_train: int, overrides: dict[str, A
     key = length_key()
     if key == "train.epochs":
         return {key: epochs, **overrides}
-    tp = load_params(profile, as_sets(overrides)).train
+    p = load_params(profile, as_sets(overrides))
+    tp = p.train
     batches = math.ceil(n_train / (tp.batch_size * tp.num_gpus * tp.nodes))
-    return {key: epochs * max(batches // tp.grad_accum, 1), **overrides}  # the Trainer's optimizer steps
+    steps = max(batches // tp.grad_accum, 1)  # the Trainer's optimizer steps per epoch
+    length = {key: epochs * steps}
+    if p.export.enabled and p.export.student_layers is not None:
+        length["export.distill_max_steps"] = steps if device == "cuda" else CPU_DISTILL_STEPS
+    return {**length, **overrides}
 
 
 def as_sets(overrides: dict[str, Any]) -> list[str]:
@@ -422,13 +435,16 @@ def check_evaluate(out: Path) -> dict:
     }
 
 
-def check_export(out: Path) -> dict:
-    """The serving choice and the variants' sizes and agreement."""
+def check_export(out: Path, profile: Path) -> dict:
+    """The serving choice and the variants' sizes and agreement; the student's rows when the profile asks for one."""
     serving = read_json(out / "export" / "serving.json", default={})
     variants = (read_json(out / "metrics.json", default={}).get("export") or {}).get("variants") or {}
-    fields = ("size_mib", "agreement", "accuracy_drop", "latency_ms")
+    if load_params(profile).export.student_layers is not None and "student_fp32" not in variants:
+        raise RehearsalError("export.student_layers is set but metrics.json has no student variant")
+    fields = ("layers", "size_mib", "agreement", "accuracy_drop", "latency_ms")
     return {
         "serving_file": serving.get("file"),
+        "serving_variant": serving.get("variant"),
         "serving_reason": serving.get("reason"),
         "variants": {k: {f: v.get(f) for f in fields} for k, v in variants.items()},
     }
@@ -494,7 +510,7 @@ def check_step(name: str, out: Path, profile: Path, device: str) -> dict:
     if name == "evaluate":
         return check_evaluate(out)
     if name == "export":
-        return check_export(out)
+        return check_export(out, profile)
     if name == "publish_gate":
         return check_gate_refused(out, profile, BUCKET, "registry")
     if name == "publish":
@@ -850,9 +866,27 @@ def base_overrides(profile: Path, device: str, output_root: Path, registry: str 
 def planned_runs(args: argparse.Namespace) -> list[tuple[Path, str, str | None, tuple[str, ...]]]:
     """(profile, step prefix, registry or None, steps) of each profile the rehearsal runs."""
     runs = [(args.profile, "", f"s3://{BUCKET}/registry", PIPELINE_STEPS)]
-    if not args.no_reference:
+    # The reference recipe is har_vit.yaml's comparison; another profile's rehearsal does not repeat it.
+    if not args.no_reference and args.profile.resolve() == PROFILE.resolve():
         runs.append((args.reference, "reference/", None, REFERENCE_STEPS))
     return runs
+
+
+def hub_models(args: argparse.Namespace) -> list[str]:
+    """The Hub model ids the planned runs load, each needing a stand-in in the offline cache (HUB_MODELS)."""
+    from lib.rehearsal.hub_cache import HUB_MODELS
+
+    ids = []
+    for profile, *_ in planned_runs(args):
+        mp = load_params(profile).model
+        if mp.source == "hub" and mp.name_or_path not in ids:
+            if mp.name_or_path not in HUB_MODELS:
+                raise RehearsalError(
+                    f"{rel(profile)}: no offline stand-in for model {mp.name_or_path!r} "
+                    f"(lib/rehearsal/hub_cache.py HUB_MODELS knows {', '.join(HUB_MODELS)})"
+                )
+            ids.append(mp.name_or_path)
+    return ids
 
 
 def print_table(stages: list[dict], total: float) -> None:
@@ -903,6 +937,7 @@ def dry_run(args: argparse.Namespace, device: str, per_class: int, extra: dict[s
     from lib.data import split_sizes
 
     print(f"device {device}, {per_class} images per class, work folder {rel(args.out / 'work')}")
+    print(f"offline Hub cache: {', '.join(hub_models(args))} (random weights, the repos' configs and processors)")
     for profile, prefix, registry, steps in planned_runs(args):
         data = load_params(profile).data
         sizes = split_sizes(15 * per_class, data.val_fraction, data.test_fraction)
@@ -979,6 +1014,7 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
     env = {**os.environ, **hf_env(cache)}
     server = None
     try:
+        models = hub_models(args)
         log = work / "logs" / "caches.log"
         cmd = [
             sys.executable,
@@ -991,8 +1027,10 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
             "--per-class",
             str(per_class),
             *(["--images", str(images)] if images else []),
+            "--models",
+            *models,
         ]
-        print(f"==> caches: two ViT-B/16 snapshots, {per_class} images per class  (log: {rel(log)})", flush=True)
+        print(f"==> caches: {', '.join(models)}, {per_class} images per class  (log: {rel(log)})", flush=True)
         step = {"stage": "caches", **run_measured(cmd, env, log), "log": rel(log), "device": labels["cpu"]}
         step["ok"] = step.pop("rc") == 0
         step.update(json.loads(log.read_text().splitlines()[-1]) if step["ok"] else failure_text(log))
