@@ -187,6 +187,7 @@ def prepare_export(root: Path, work: Path, random_weights: bool) -> tuple[Path, 
     info = export_model(work / "model", work / EXPORT_DIR, opset=18, quantize="dynamic")
     serving = {
         "file": INT8_FILE,
+        "variant": "int8",
         "fp32_file": FP32_FILE,
         "fused_ops": info["fused_ops"],
         "reason": (
