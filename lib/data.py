@@ -446,7 +446,7 @@ def train_batch_transform(spec: ImageSpec, augment: dict) -> Callable[[dict], di
 
 
 def eval_batch_transform(spec: ImageSpec) -> Callable[[dict], dict]:
-    """A with_transform function applying the deterministic resize + center crop."""
+    """A with_transform function applying the deterministic evaluation transform (resize, center crop)."""
     import torch
 
     def apply(batch: dict) -> dict:

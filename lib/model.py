@@ -8,7 +8,7 @@ exactly as evaluation and serving do (lib.transforms.eval_transform).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ def build_model(mp: ModelParams, labels: list[str]) -> tuple[Any, Any, ImageSpec
         cfg = ViTConfig(**mp.config.model_dump(), num_labels=len(labels), **label_maps(labels))
         cfg._attn_implementation = mp.attn_implementation
         model = ViTForImageClassification(cfg)
-        spec = ImageSpec(size=mp.config.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=mp.crop_pct)
+        # No backbone processor to follow: without crop_pct, ViTImageProcessor's resize to size x size (bicubic).
+        spec = ImageSpec(size=mp.config.image_size, crop_pct=1.0, resize="squash")
     else:
         name = mp.name_or_path if mp.source == "hub" else str(resolve_path(mp.name_or_path))
         model = AutoModelForImageClassification.from_pretrained(
@@ -52,12 +53,10 @@ def build_model(mp: ModelParams, labels: list[str]) -> tuple[Any, Any, ImageSpec
         )
         if model.config.model_type in PATCH_INPUT:
             raise ValueError(f"{name}: {PATCH_INPUT[model.config.model_type]}")
-        # The backbone's processor gives size, mean and std; the resize rule is the family's (FAMILIES: crop or squash),
-        # with the crop ratio from the params.
-        known = FAMILIES.get(model.config.model_type)
-        spec = spec_from_processor(
-            AutoImageProcessor.from_pretrained(name, backend="pil"), mp.crop_pct, known.eval_resize if known else "crop"
-        )
+        # Evaluation preprocesses as the backbone's own image processor does (resize, crop, filter, mean, std).
+        spec = spec_from_processor(AutoImageProcessor.from_pretrained(name, backend="pil"))
+    if mp.crop_pct is not None:  # the params override the resize: shorter side to size / crop_pct, center crop
+        spec = replace(spec, resize="shorter_side", crop_pct=mp.crop_pct)
     freeze_layers(model, mp.freeze_layers)
     return model, image_processor(spec), spec
 
@@ -67,14 +66,13 @@ class Family:
     """Where one model type keeps its parts, as dotted paths from model.base_model.
 
     blocks: the block list, one path per transformers layout (current first; older releases nest ViT-style blocks
-    at encoder.layer). embeddings: the patch (and position) embeddings. eval_resize: how the family's own image
-    processor resizes for evaluation ("crop": shorter side then center crop; "squash": straight to size x size).
+    at encoder.layer). embeddings: the patch (and position) embeddings. (The evaluation transform comes from each
+    backbone's own image processor: lib.transforms.spec_from_processor.)
     Hierarchical families (Swin, ConvNeXt) list stages: depth and freezing go by stage.
     """
 
     blocks: tuple[str, ...]
     embeddings: str = "embeddings"
-    eval_resize: str = "crop"
 
 
 FAMILIES: dict[str, Family] = {
@@ -83,13 +81,8 @@ FAMILIES: dict[str, Family] = {
     "beit": Family(blocks=("layers", "encoder.layer")),
     "dinov2": Family(blocks=("encoder.layer",)),
     # SigLIP's classifier is the whole model (no base-model attribute), so base_model is the model itself.
-    # SigLIP was trained on images squashed to 224 x 224, and its processor does the same.
-    "siglip": Family(
-        blocks=("vision_model.encoder.layers",), embeddings="vision_model.embeddings", eval_resize="squash"
-    ),
-    "siglip2": Family(
-        blocks=("vision_model.encoder.layers",), embeddings="vision_model.embeddings", eval_resize="squash"
-    ),
+    "siglip": Family(blocks=("vision_model.encoder.layers",), embeddings="vision_model.embeddings"),
+    "siglip2": Family(blocks=("vision_model.encoder.layers",), embeddings="vision_model.embeddings"),
     "swin": Family(blocks=("encoder.layers",)),
     "convnext": Family(blocks=("encoder.stages",)),
 }

@@ -155,12 +155,14 @@ class ModelParams(Section):
     freeze_layers: int = Field(
         0, ge=0, description="Freeze the patch embeddings and the first N encoder layers; 0 trains everything."
     )
-    crop_pct: float = Field(
-        0.875,
+    crop_pct: float | None = Field(
+        None,
         gt=0.3,
         le=1.0,
-        description="Evaluation: resize the shorter side to size / crop_pct, center-crop size (0.875: 224 of 256, "
-        "ViT's ImageNet recipe).",
+        description="Evaluation resize. null: as the backbone's own image processor does it (ViT, BEiT, Swin, SigLIP "
+        "squash to size x size; DeiT squashes to 256 and crops 224; DINOv2 and ConvNeXt resize the shorter side and "
+        "crop); a model built from a config then squashes. A number overrides it: shorter side to size / crop_pct, "
+        "center-crop size (0.875: 224 of 256).",
     )
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa",

@@ -12,78 +12,109 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 SPEC_FILE = "preprocessing.json"
-RESAMPLE = Image.Resampling.BICUBIC
-RESIZE_MODES = ("crop", "squash")
+RESAMPLE = Image.Resampling.BICUBIC  # training crops, display; evaluation uses the spec's own filter
+RESIZE_MODES = ("shorter_side", "squash")
+# The largest ConvNeXt input its processor still crops for: from 384 up it resizes straight to size x size.
+CONVNEXT_NO_CROP_FROM = 384
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What the model expects: square input size, crop ratio, normalisation, resize mode.
+    """What the model expects: square input size, normalisation, and the evaluation resize and crop.
 
-    resize "crop": shorter side to resize_to, then center crop size x size (ViT, DeiT, BEiT, DINOv2, Swin, ConvNeXt).
-    resize "squash": straight to size x size, aspect ratio not kept, no crop (SigLIP; crop_pct is then unused).
+    resize "shorter_side": shorter side to resize_to, aspect ratio kept (ViT-style crop: DINOv2, ConvNeXt, CLIP).
+    resize "squash": both sides to resize_to, aspect ratio not kept (ViT, BEiT, Swin, SigLIP; DeiT then crops).
+    Then a center crop of size x size; resize_to = round(size / crop_pct), so crop_pct 1 means no crop.
+    resample: the PIL filter of that resize, by name (bicubic, bilinear, ...), as the backbone's processor uses it.
     """
 
     size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     crop_pct: float = 0.875
-    resize: str = "crop"
+    resize: str = "shorter_side"
+    resample: str = "bicubic"
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, not {self.resize!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], not {self.crop_pct}")
+        resample_filter(self.resample)
 
     @property
     def resize_to(self) -> int:
-        """Shorter side after the resize that precedes the center crop."""
+        """Side (shorter side, or both sides for squash) after the resize that precedes the center crop."""
         return int(math.floor(self.size / self.crop_pct + 0.5))
 
+    @property
+    def filter(self) -> Image.Resampling:
+        return resample_filter(self.resample)
 
-def spec_from_processor(processor: Any, crop_pct: float = 0.875, resize: str = "crop") -> ImageSpec:
-    """Build an ImageSpec from a Hugging Face image processor (ViT, DINOv2, BEiT, ConvNeXt, Swin, SigLIP ...): its
-    input size, mean and std; the resize rule is resize (lib.model.FAMILIES says which one a family uses)."""
-    # The crop size only where the processor crops: BEiT's keeps a default crop_size with do_center_crop false.
-    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", None) else None
-    size = crop or getattr(processor, "size", None) or {}
+
+def resample_filter(name: str) -> Image.Resampling:
+    """PIL's resampling filter of that name (bicubic, bilinear, lanczos, nearest, box, hamming)."""
+    try:
+        return Image.Resampling[name.upper()]
+    except KeyError:
+        names = ", ".join(f.name.lower() for f in Image.Resampling)
+        raise ValueError(f"resample must be one of {names}, not {name!r}") from None
+
+
+def _side(size: Any, *keys: str) -> int | None:
+    """The first of keys in a processor size (a dict, transformers' SizeDict, or an int for every key)."""
     if isinstance(size, int):
-        side = size
-    else:  # a dict, or transformers' SizeDict
-        get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
-        side = get("height") or get("shortest_edge") or get("width")
-    if not side:
-        raise ValueError(f"cannot read an input size from {type(processor).__name__}")
+        return size
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+    return next((int(v) for v in map(get, keys) if v), None)
+
+
+def spec_from_processor(processor: Any) -> ImageSpec:
+    """The evaluation transform of a Hugging Face image processor (ViT, DeiT, BEiT, DINOv2, Swin, ConvNeXt, SigLIP,
+    CLIP ...), as an ImageSpec: its resize (shorter side or both sides), center crop, filter, mean and std."""
+    name = type(processor).__name__
+    size = getattr(processor, "size", None) or {}
+    shortest = _side(size, "shortest_edge")
+    height, width = _side(size, "height"), _side(size, "width")
+    if not shortest and height != width:
+        raise ValueError(f"{name} resizes to {height} x {width}: only square inputs are supported")
+    # BEiT's processor keeps a default crop_size with do_center_crop false: the crop only where it is done.
+    crop = _side(processor.crop_size, "height") if getattr(processor, "do_center_crop", None) else None
+    resize, resize_to = ("shorter_side", shortest) if shortest else ("squash", height)
+    if not resize_to:
+        raise ValueError(f"cannot read an input size from {name}")
+    if crop is None and shortest and getattr(processor, "crop_pct", None):
+        # ConvNeXt: shorter side to shortest_edge / crop_pct, then crop shortest_edge, below 384; from 384 it
+        # resizes straight to shortest_edge x shortest_edge.
+        if shortest < CONVNEXT_NO_CROP_FROM:
+            crop, resize_to = shortest, int(shortest / processor.crop_pct)
+        else:
+            resize = "squash"
+    side = crop or resize_to
     mean = tuple(float(x) for x in (processor.image_mean or (0.5, 0.5, 0.5)))
     std = tuple(float(x) for x in (processor.image_std or (0.5, 0.5, 0.5)))
-    return ImageSpec(size=int(side), mean=mean, std=std, crop_pct=crop_pct, resize=resize)  # type: ignore[arg-type]
+    resample = Image.Resampling(int(getattr(processor, "resample", RESAMPLE))).name.lower()
+    return ImageSpec(
+        size=side,
+        mean=mean,
+        std=std,
+        crop_pct=side / resize_to,
+        resize=resize,
+        resample=resample,  # type: ignore[arg-type]
+    )
 
 
 def processor_config(spec: ImageSpec) -> dict[str, Any]:
     """Settings of a transformers image processor (ViTImageProcessor, PIL backend) that does exactly eval_transform:
-    RGB with transparency on white, bicubic resize of the shorter side to spec.resize_to, center crop spec.size,
-    rescale by 1/255, normalise with spec.mean and spec.std. For resize "squash": bicubic resize to spec.size x
-    spec.size and no crop."""
-    if spec.resize == "squash":
-        return {
-            "do_convert_rgb": True,
-            "do_resize": True,
-            "size": {"height": spec.size, "width": spec.size},
-            "resample": int(RESAMPLE),
-            "do_center_crop": False,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(spec.mean),
-            "image_std": list(spec.std),
-        }
-    if spec.resize_to < spec.size:  # eval_transform then stretches the image; a shortest-edge resize cannot say that
-        raise ValueError(f"crop_pct {spec.crop_pct} > 1 has no image processor equivalent")
+    RGB with transparency on white, resize (shorter side, or squash) to spec.resize_to with spec's filter, center
+    crop spec.size, rescale by 1/255, normalise with spec.mean and spec.std."""
+    square = {"height": spec.resize_to, "width": spec.resize_to}
     return {
         "do_convert_rgb": True,
         "do_resize": True,
-        "size": {"shortest_edge": spec.resize_to},
-        "resample": int(RESAMPLE),
-        "do_center_crop": True,
+        "size": square if spec.resize == "squash" else {"shortest_edge": spec.resize_to},
+        "resample": int(spec.filter),
+        "do_center_crop": spec.resize_to != spec.size,
         "crop_size": {"height": spec.size, "width": spec.size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -103,13 +134,18 @@ def save_spec(spec: ImageSpec, model_dir: str | Path) -> Path:
 def load_spec(model_dir: str | Path) -> ImageSpec:
     """Read preprocessing.json from a saved model folder."""
     raw = json.loads((Path(model_dir) / SPEC_FILE).read_text())
-    # Files written before the resize mode existed describe a crop.
+    resize, crop_pct = str(raw.get("resize", "shorter_side")), float(raw["crop_pct"])
+    if "resample" not in raw:
+        # Written before the filter was recorded: always bicubic, "crop" meant the shorter-side resize, and "squash"
+        # never cropped whatever crop_pct said.
+        resize, crop_pct = ("squash", 1.0) if resize == "squash" else ("shorter_side", crop_pct)
     return ImageSpec(
         size=int(raw["size"]),
         mean=tuple(raw["mean"]),
         std=tuple(raw["std"]),
-        crop_pct=float(raw["crop_pct"]),
-        resize=str(raw.get("resize", "crop")),
+        crop_pct=crop_pct,
+        resize=resize,
+        resample=str(raw.get("resample", "bicubic")),
     )
 
 
@@ -144,9 +180,9 @@ def _normalize(img: Image.Image, spec: ImageSpec) -> np.ndarray:
 
 
 def resize_shape(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
-    """(width, height) after the resize that precedes the center crop: shorter side spec.resize_to (squash: size)."""
+    """(width, height) after the resize that precedes the center crop: shorter side spec.resize_to (squash: both)."""
     if spec.resize == "squash":
-        return spec.size, spec.size
+        return spec.resize_to, spec.resize_to
     short, long = min(width, height), max(width, height)
     # The longer side is truncated, not rounded: torchvision's Resize and transformers' shortest_edge resize do so,
     # and the saved image processor (processor_config) must land on the same pixel grid.
@@ -156,22 +192,21 @@ def resize_shape(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
 
 
 def resize_for_crop(img: Image.Image, spec: ImageSpec) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """The image resized so its shorter side is spec.resize_to, and the center-crop box within it (squash: the image
-    resized to spec.size x spec.size and the whole of it)."""
+    """The image resized as spec says (shorter side or both sides to spec.resize_to), and the center-crop box in it."""
     img = to_rgb(img)
     nw, nh = resize_shape(*img.size, spec)
     left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
-    return img.resize((nw, nh), RESAMPLE), (left, top, left + spec.size, top + spec.size)
+    return img.resize((nw, nh), spec.filter), (left, top, left + spec.size, top + spec.size)
 
 
 def resize_center_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
-    """Resize the shorter side to spec.resize_to, then center-crop spec.size x spec.size (squash: resize only)."""
+    """Resize to spec.resize_to (shorter side, or both for squash), then center-crop spec.size x spec.size."""
     resized, box = resize_for_crop(img, spec)
     return resized.crop(box)
 
 
 def eval_transform(img: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """Deterministic transform for validation, test and serving: resize, center crop (unless squash), normalise."""
+    """Deterministic transform for validation, test and serving: resize, center crop, normalise."""
     return _normalize(resize_center_crop(img, spec), spec)
 
 

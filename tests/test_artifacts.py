@@ -67,7 +67,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     )
     splits, _ = prepare(data, root / "data", root / "cache")
     torch.manual_seed(0)
-    model, processor, spec = build_model(ModelParams(config=TINY), class_names(splits["train"]))
+    model, processor, spec = build_model(ModelParams(config=TINY, crop_pct=0.875), class_names(splits["train"]))
     fit_briefly(model, eval_batch(list(splits["train"]["image"]), spec), list(splits["train"]["label"]))
     save_model(model, processor, spec, root / "model")
     return root / "model", splits["test"]
@@ -87,8 +87,13 @@ def test_processor_config_and_preprocessing_json_describe_one_transform(demo_run
 
 @pytest.mark.parametrize(
     "spec",
-    [ImageSpec(size=64), ImageSpec(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875)],
-    ids=["demo-64", "imagenet-224"],
+    [
+        ImageSpec(size=64),
+        ImageSpec(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875),
+        ImageSpec(size=64, crop_pct=1.0, resize="squash", resample="bilinear"),  # ViT's processor
+        ImageSpec(size=224, crop_pct=224 / 256, resize="squash"),  # DeiT's: squash to 256, crop 224
+    ],
+    ids=["demo-64", "imagenet-224", "vit-squash-64", "deit-squash-crop-224"],
 )
 def test_auto_image_processor_matches_eval_transform(spec: ImageSpec, tmp_path: Path) -> None:
     """AutoImageProcessor over the saved config gives eval_transform's pixels, for any size, aspect ratio or mode."""
@@ -102,9 +107,10 @@ def test_auto_image_processor_matches_eval_transform(spec: ImageSpec, tmp_path: 
     transparent = np.array(images[-2])
     transparent[::3, :, 3] = 0  # transparency goes on white in both
     images[-2] = Image.fromarray(transparent, "RGBA")
-    truncated = [resize_shape(*im.size, spec) for im in images]
-    rounded = [max(im.size) * spec.resize_to / min(im.size) for im in images]
-    assert any(max(t) != round(r) for t, r in zip(truncated, rounded)), "no image where rounding would differ"
+    if spec.resize == "shorter_side":
+        truncated = [resize_shape(*im.size, spec) for im in images]
+        rounded = [max(im.size) * spec.resize_to / min(im.size) for im in images]
+        assert any(max(t) != round(r) for t, r in zip(truncated, rounded)), "no image where rounding would differ"
     for im in images:
         ours = eval_transform(im, spec)
         theirs = processor(im, return_tensors="np")["pixel_values"][0]

@@ -149,11 +149,41 @@ SIGLIP = {
     "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5],
 }
+VIT = SIGLIP | {"image_processor_type": "ViTImageProcessor", "resample": 2}  # google/vit-base-patch16-224
+DEIT = DINOV2 | {  # facebook/deit-base-distilled-patch16-224: squash to 256, crop 224
+    "image_processor_type": "DeiTImageProcessor",
+    "size": {"height": 256, "width": 256},
+}
+CONVNEXT = DINOV2 | {  # facebook/convnext-base-224: shorter side 224 / crop_pct, crop 224 (no do_center_crop)
+    "image_processor_type": "ConvNextImageProcessor",
+    "size": {"shortest_edge": 224},
+    "crop_pct": 0.875,
+    "do_center_crop": None,
+}
+# name: (preprocessor_config.json, expected resize, input side, side after the resize, filter)
 PROCESSORS = {
-    "dinov2": (DINOV2, "crop"),
-    "dinov2-tiny": (DINOV2 | {"size": {"shortest_edge": 37}, "crop_size": {"height": 32, "width": 32}}, "crop"),
-    "siglip": (SIGLIP, "squash"),
-    "siglip-tiny": (SIGLIP | {"size": {"height": 32, "width": 32}}, "squash"),
+    "vit": (VIT, "squash", 224, 224, "bilinear"),
+    "deit": (DEIT, "squash", 224, 256, "bicubic"),
+    "deit-tiny": (
+        DEIT | {"size": {"height": 36, "width": 36}, "crop_size": {"height": 32, "width": 32}},
+        "squash",
+        32,
+        36,
+        "bicubic",
+    ),
+    "dinov2": (DINOV2, "shorter_side", 224, 256, "bicubic"),
+    "dinov2-tiny": (
+        DINOV2 | {"size": {"shortest_edge": 37}, "crop_size": {"height": 32, "width": 32}},
+        "shorter_side",
+        32,
+        37,
+        "bicubic",
+    ),
+    "convnext": (CONVNEXT, "shorter_side", 224, 256, "bicubic"),
+    "convnext-truncated": (CONVNEXT | {"size": {"shortest_edge": 30}}, "shorter_side", 30, 34, "bicubic"),  # 34.29
+    "convnext-384": (CONVNEXT | {"size": {"shortest_edge": 384}}, "squash", 384, 384, "bicubic"),
+    "siglip": (SIGLIP, "squash", 224, 224, "bicubic"),
+    "siglip-tiny": (SIGLIP | {"size": {"height": 32, "width": 32}}, "squash", 32, 32, "bicubic"),
 }
 
 
@@ -168,18 +198,16 @@ def photos() -> list[Image.Image]:
 
 @pytest.mark.parametrize("name", sorted(PROCESSORS))
 def test_eval_transform_matches_the_familys_image_processor(name, tmp_path):
-    """Pixel for pixel: the same PIL bicubic resize (and crop), then float32 rescale and normalise; the only
+    """Pixel for pixel: the same PIL resize (and crop), then float32 rescale and normalise; the only
     difference allowed is float32 rounding (abs 1e-5 on normalised values, ~1/400 of one 8-bit level)."""
     from transformers import AutoImageProcessor
 
-    config, mode = PROCESSORS[name]
+    config, mode, side, resize_to, resample = PROCESSORS[name]
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     own = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
-    spec = spec_from_processor(own, 0.875, mode)
-    side = config.get("crop_size", config["size"]).get("height")
-    assert spec.size == side and spec.resize == mode
-    if mode == "crop":
-        assert spec.resize_to == config["size"]["shortest_edge"]
+    spec = spec_from_processor(own)
+    assert (spec.resize, spec.size, spec.resize_to, spec.resample) == (mode, side, resize_to, resample)
+    assert (spec.mean, spec.std) == (tuple(config["image_mean"]), tuple(config["image_std"]))
     images = photos()
     expected = own(images, return_tensors="np")["pixel_values"]
     assert expected.shape == (len(images), 3, side, side)
@@ -196,11 +224,11 @@ def test_the_input_size_is_the_crop_only_where_the_processor_crops(tmp_path):
     beit = SIGLIP | {"image_processor_type": "BeitImageProcessor", "size": {"height": 32, "width": 32}}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(beit | {"do_center_crop": False}))
     own = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
-    assert own.crop_size["height"] == 224 and spec_from_processor(own, 0.875, "squash").size == 32
+    assert own.crop_size["height"] == 224 and spec_from_processor(own).size == 32
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps(beit | {"do_center_crop": True, "crop_size": {"height": 24, "width": 24}})
     )
-    assert spec_from_processor(AutoImageProcessor.from_pretrained(tmp_path, backend="pil"), 0.875).size == 24
+    assert spec_from_processor(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")).size == 24
 
 
 def test_patch_input_families_are_refused_by_the_pipeline(tmp_path):

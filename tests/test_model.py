@@ -63,10 +63,11 @@ def test_save_and_load_round_trip(tmp_path):
     assert read_temperature(tmp_path) == 1.0
 
 
-def test_saved_processor_is_the_evaluation_transform(tmp_path):
-    """A backbone whose own processor resizes straight to 224 (like google/vit-base-patch16-224): the saved processor
-    keeps its size, mean and std but resizes the shorter side to 256, bicubic, and center-crops 224, as
-    eval_transform does; preprocessing.json holds the same spec."""
+@pytest.mark.parametrize("crop_pct", [None, 0.875])
+def test_saved_processor_is_the_evaluation_transform(tmp_path, crop_pct):
+    """A backbone whose own processor resizes straight to 224, bilinear (like google/vit-base-patch16-224). Without
+    model.crop_pct evaluation does the same; with it, the shorter side goes to 224 / crop_pct and a 224 center crop
+    follows, with the processor's filter, mean and std. The saved processor and preprocessing.json say the same."""
     import json
 
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
@@ -80,13 +81,18 @@ def test_saved_processor_is_the_evaluation_transform(tmp_path):
     ViTForImageClassification(cfg).save_pretrained(backbone)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     ViTImageProcessorPil(size={"height": 224, "width": 224}, image_mean=mean, image_std=std).save_pretrained(backbone)
-    model, processor, spec = M.build_model(ModelParams(source="local", name_or_path=str(backbone)), LABELS)
-    assert spec == ImageSpec(size=224, mean=tuple(mean), std=tuple(std), crop_pct=0.875)
+    mp = ModelParams(source="local", name_or_path=str(backbone), crop_pct=crop_pct)
+    model, processor, spec = M.build_model(mp, LABELS)
     M.save_model(model, processor, spec, tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "preprocessor_config.json").read_text())
-    assert saved["size"] == {"shortest_edge": 256} and saved["crop_size"] == {"height": 224, "width": 224}
-    assert saved["do_center_crop"] and saved["resample"] == 3
-    assert (saved["image_mean"], saved["image_std"]) == (mean, std)
+    assert (saved["image_mean"], saved["image_std"], saved["resample"]) == (mean, std, 2)
+    if crop_pct is None:
+        assert spec == ImageSpec(224, tuple(mean), tuple(std), crop_pct=1.0, resize="squash", resample="bilinear")
+        assert saved["size"] == {"height": 224, "width": 224} and not saved["do_center_crop"]
+    else:
+        assert spec == ImageSpec(224, tuple(mean), tuple(std), crop_pct=0.875, resample="bilinear")
+        assert saved["size"] == {"shortest_edge": 256} and saved["crop_size"] == {"height": 224, "width": 224}
+        assert saved["do_center_crop"]
     assert load_spec(tmp_path / "m") == spec
     assert processor.to_dict() == M.image_processor(spec).to_dict()
 

@@ -57,3 +57,51 @@ def test_to_rgb_handles_modes(mode):
 def test_transparent_pixels_become_white():
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [
+        ({"crop_pct": 0.875}, ImageSpec(size=32, crop_pct=0.875, resize="shorter_side", resample="bicubic")),
+        ({"crop_pct": 0.875, "resize": "crop"}, ImageSpec(size=32, crop_pct=0.875, resize="shorter_side")),
+        # squash never cropped before the filter was recorded, whatever crop_pct said
+        ({"crop_pct": 0.875, "resize": "squash"}, ImageSpec(size=32, crop_pct=1.0, resize="squash")),
+    ],
+    ids=["no-resize", "crop", "squash"],
+)
+def test_older_preprocessing_files_keep_their_meaning(tmp_path, written, read):
+    """preprocessing.json from before the filter and the squash crop were recorded loads as the transform it meant."""
+    import json
+
+    from lib.transforms import SPEC_FILE, load_spec
+
+    (tmp_path / SPEC_FILE).write_text(json.dumps({"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3} | written))
+    assert load_spec(tmp_path) == read
+
+
+def test_a_squash_with_crop_resizes_both_sides_then_crops():
+    """DeiT's rule: squash to 36 x 36, then a 32 center crop, whatever the aspect ratio."""
+    spec = ImageSpec(size=32, crop_pct=32 / 36, resize="squash")
+    arr = np.zeros((50, 300, 3), np.uint8)
+    arr[:, :150] = 255  # left half white
+    crop = np.asarray(resize_center_crop(Image.fromarray(arr), spec))
+    assert spec.resize_to == 36 and crop.shape == (32, 32, 3)
+    assert crop[:, :14].min() > 235 and crop[:, 18:].max() < 20
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [({"resize": "crop"}, "resize"), ({"crop_pct": 1.2}, "crop_pct"), ({"resample": "sinc"}, "resample")],
+)
+def test_a_bad_spec_is_refused_by_name(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        ImageSpec(size=32, **kwargs)
+
+
+def test_a_processor_with_a_non_square_input_is_refused(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    from lib.transforms import spec_from_processor
+
+    with pytest.raises(ValueError, match="224 x 320: only square inputs"):
+        spec_from_processor(ViTImageProcessorPil(size={"height": 224, "width": 320}))

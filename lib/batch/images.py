@@ -117,7 +117,6 @@ def decode(data: bytes, spec: ImageSpec, draft: bool = True) -> Image.Image:
     except UnidentifiedImageError:
         raise ValueError(f"not an image this reader decodes ({SUPPORTED})") from None
     if draft:
-        side = spec.size if spec.resize == "squash" else spec.resize_to
-        img.draft(img.mode, (side, side))  # a no-op for formats other than JPEG
+        img.draft(img.mode, (spec.resize_to, spec.resize_to))  # a no-op for formats other than JPEG
     img.load()
     return to_rgb(ImageOps.exif_transpose(img) or img)

@@ -274,7 +274,7 @@ def render_result(
     if overlay is not None:
         parts.append(
             f'<figure><img class="har-saliency" alt="occlusion map" src="{data_url(overlay, OVERLAY_SIDE)}">'
-            "<figcaption>the model's view (centre crop); red: hiding this area lowers the top class most"
+            "<figcaption>the model's view (its resize and crop); red: hiding this area lowers the top class most"
             "</figcaption></figure>"
         )
     parts.append('</div><div class="har-body">')
