@@ -37,16 +37,10 @@ import psutil
 import requests
 from PIL import Image
 
+from lib.dashboard.headless import launch_options, wait_for_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_PHOTOS = Path("/work/shared/data/har_sample")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def free_port() -> int:
@@ -100,13 +94,12 @@ def start_server(env: dict[str, str], log_path: str) -> tuple[subprocess.Popen, 
     ]
     log = open(log_path, "a")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(240):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"http://127.0.0.1:{port}/"
-        time.sleep(0.25)
-    proc.terminate()
-    raise TimeoutError("voila did not start")
+    try:
+        wait_for_port(port, proc, timeout_s=60)
+    except (RuntimeError, TimeoutError):
+        proc.terminate()
+        raise
+    return proc, f"http://127.0.0.1:{port}/"
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -222,7 +215,7 @@ async def visit(browser, url: str, photo_: tuple[str, bytes]) -> tuple[float, fl
 
 async def launch(pw, chromium: str):
     """Headless Debian Chromium."""
-    return await pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+    return await pw.chromium.launch(**launch_options(chromium))
 
 
 async def browser_round(url: str, n: int, photo_: tuple[str, bytes], chromium: str, server: psutil.Process) -> dict:

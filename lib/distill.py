@@ -7,10 +7,8 @@ ONNX like the teacher and lets the serving gate choose between them.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import logging
 import os
 import shutil
 import time
@@ -19,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.params import Params, load_params, run_dir
+from lib.params import Params
 
 STUDENT_DIR = "student"  # <run>/export/student/: the student's ONNX files; model/ inside it, the student itself
 # Families whose blocks are stages of different widths (Swin, ConvNeXt): dropping a stage changes the shapes the
@@ -268,15 +266,10 @@ def run_distillation(p: Params, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for torchrun: python -m lib.distill PARAMS_FILE [key=value ...]."""
-    parser = argparse.ArgumentParser(prog="python -m lib.distill")
-    parser.add_argument("params_file")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params_file, args.overrides)
-    distill(params, run_dir(params))
-    return 0
+    """python -m lib.distill PARAMS_FILE [key=value ...], alone or under torchrun."""
+    from lib.train import torchrun_main
+
+    return torchrun_main(distill, "lib.distill", argv)
 
 
 if __name__ == "__main__":

@@ -453,16 +453,22 @@ def distributed(tp: TrainParams) -> bool:
     return tp.num_gpus * tp.nodes > 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for torchrun: python -m lib.train PARAMS_FILE [key=value ...]."""
-    parser = argparse.ArgumentParser(prog="python -m lib.train")
+def torchrun_main(stage: Callable[[Params, Path], Any], prog: str, argv: list[str] | None = None) -> int:
+    """Entry point for torchrun: python -m PROG PARAMS_FILE [key=value ...] runs stage(params, run folder) in every
+    process (lib.train, lib.distill)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}")
     parser.add_argument("params_file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params_file, args.overrides)
-    train(params, run_dir(params))
+    stage(params, run_dir(params))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m lib.train PARAMS_FILE [key=value ...], alone or under torchrun."""
+    return torchrun_main(train, "lib.train", argv)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,11 @@ import requests
 from PIL import Image
 from test_uploads import heic, psd
 
+from lib.dashboard.headless import CHROMIUM, launch_options, wait_for_port
 from lib.params import ROOT, GateParams, ModelParams, Params, VitConfig, save_params
 
 pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 MODEL_NAME = "har-vit-test"
 TOP_K = 3
 MAX_UPLOAD_MIB = 20
@@ -362,19 +354,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         print((tmp / "voila.log").read_text()[-3000:])  # shown by pytest when a test failed
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Wait until the server accepts TCP connections (a GET would start a kernel)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"voila exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"voila did not listen on {port}")
-
-
 @pytest.fixture(scope="module")
 def page(server: str) -> Iterator[object]:
     """One browser page on the dashboard, shared by the tests in order (one visitor, one kernel)."""
@@ -383,7 +362,7 @@ def page(server: str) -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**launch_options())
         pg = browser.new_page(viewport={"width": 1100, "height": 900})
         pg.set_default_timeout(60_000)
         pg.goto(server)

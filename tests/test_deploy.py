@@ -23,21 +23,19 @@ import psutil
 import pytest
 import requests
 from test_dashboard import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     MODEL_NAME,
     free_port,
     photo,
     publish_run,
     shared_run,
     stop,
-    wait_for_port,
     wait_http,
 )
 from test_serving_install import serving_app
 from traitlets.config.loader import JSONFileConfigLoader
 from traitlets.utils.importstring import import_item
 
+from lib.dashboard.headless import CHROMIUM, launch_options, wait_for_port
 from lib.dashboard.server import CappedKernelManager, apply_websocket_cap, server_settings
 from lib.dashboard.settings import dashboard_params, websocket_max_bytes
 from lib.files import MIB
@@ -243,7 +241,7 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
             from playwright.sync_api import sync_playwright
 
             with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+                browser = pw.chromium.launch(**launch_options())
                 pg = browser.new_page()
                 pg.goto(url)
                 info = pg.wait_for_selector(".har-model-info", timeout=90_000)
@@ -377,7 +375,7 @@ def deployed(
             )
         )
         procs.append(subprocess.Popen(["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], stderr=logs))
-        wait_for_port(https_port, procs[1], timeout=20)
+        wait_for_port(https_port, procs[1], timeout_s=20)
         with requests.Session() as https:
             https.trust_env = False
             https.verify = str(prefix / "nginx" / "har-dashboard" / "selfsigned.crt")  # the one bootstrap made
@@ -467,7 +465,7 @@ def test_model_only_rolls_a_new_version_without_downtime(deployed: dict, tmp_pat
     new = second_version(shared_run(tmp_path_factory), tmp_path_factory.mktemp("roll"), deployed["registry"])
     env = {k: v for k, v in deployed["env"].items() if k not in ("HAR_REGISTRY", "HAR_MODEL_NAME")}  # from the env file
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**launch_options())
         context = browser.new_context(
             ignore_https_errors=True, http_credentials=dict(zip(("username", "password"), AUTH))
         )

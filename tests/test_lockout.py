@@ -20,6 +20,7 @@ import pytest
 import requests
 from tornado import web
 
+from lib.dashboard.headless import CHROMIUM, launch_options, wait_for_port
 from lib.dashboard.server import (
     KERNEL_OOM_SCORE_ADJ,
     CappedKernelManager,
@@ -230,7 +231,7 @@ def test_unit_ranks_the_server_below_its_kernels_for_the_oom_killer():
 def lockout_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Voila with a tiny published model, a cap of 2 kernels, a 2 s websocket grace, tabs evictable after 5 s idle
     and a 1 MiB upload cap."""
-    from test_dashboard import MODEL_NAME, free_port, publish_run, shared_run, stop, voila_command, wait_for_port
+    from test_dashboard import MODEL_NAME, free_port, publish_run, shared_run, stop, voila_command
 
     tmp = tmp_path_factory.mktemp("lockout")
     publish_run(shared_run(tmp_path_factory), str(tmp / "registry"))
@@ -289,7 +290,7 @@ def test_bare_page_loads_beyond_the_cap_do_not_lock_out_a_visitor(lockout_server
     assert len(kernel_pids(lockout_server["pid"])) <= cap
     health = requests.get(url + "health", timeout=10).json()
     assert health["evicted"] >= 3 and health["kernels"] <= cap
-    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, photo
+    from test_dashboard import photo
 
     if not CHROMIUM.exists():
         assert requests.get(url, timeout=90).status_code == 200
@@ -297,7 +298,7 @@ def test_bare_page_loads_beyond_the_cap_do_not_lock_out_a_visitor(lockout_server
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:  # a real visitor after them: page, websocket, a classified photo
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**launch_options())
         page = browser.new_page()
         page.set_default_timeout(90_000)
         assert page.goto(url).status == 200
@@ -312,7 +313,6 @@ def test_bare_page_loads_beyond_the_cap_do_not_lock_out_a_visitor(lockout_server
 
 @pytest.mark.integration
 def test_idle_tabs_give_way_to_a_new_visitor(lockout_server: dict):
-    from test_dashboard import CHROMIUM, CHROMIUM_ARGS
 
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium missing (apt-get install -y chromium)")
@@ -320,7 +320,7 @@ def test_idle_tabs_give_way_to_a_new_visitor(lockout_server: dict):
 
     url = lockout_server["url"]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**launch_options())
         tabs = [browser.new_page(), browser.new_page()]
         for tab in tabs:  # two open tabs fill the cap of 2 (bare kernels left by other tests give way)
             tab.goto(url)

@@ -16,8 +16,6 @@ import psutil
 import pytest
 import requests
 from test_dashboard import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     MODEL_NAME,
     free_port,
     photo,
@@ -25,9 +23,9 @@ from test_dashboard import (
     shared_run,
     stop,
     voila_command,
-    wait_for_port,
 )
 
+from lib.dashboard.headless import CHROMIUM, launch_options, wait_for_port
 from lib.params import ROOT
 from lib.rehearsal.runner import HAR_SAMPLE
 
@@ -105,7 +103,7 @@ def nginx_check(conf: Path) -> subprocess.CompletedProcess:
 def start_nginx(conf: Path, port: int) -> subprocess.Popen:
     """nginx in the foreground (a child we can stop), once it accepts connections on port."""
     proc = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, proc, timeout=20)
+    wait_for_port(port, proc, timeout_s=20)
     return proc
 
 
@@ -249,7 +247,7 @@ def test_browser_classifies_a_photo_through_the_proxy(stack: dict, tmp_path: Pat
     real = sorted((HAR_SAMPLE / "running").glob("*.jpg"))
     data = real[0].read_bytes() if real else photo(11)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**launch_options())
         context = browser.new_context(
             ignore_https_errors=True, http_credentials={"username": USER, "password": PASSWORD}
         )

@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from lib.dashboard.headless import CHROMIUM, launch_options, wait_for_port
 from lib.files import MIB, read_json
 from lib.params import ROOT, TrainParams, flatten, load_params, parse_override
 from lib.rehearsal.fake_s3 import FAKE_AWS_ENV, UNSET_AWS_ENV, free_port, start_moto
@@ -52,15 +52,6 @@ REFERENCE = ROOT / "params" / "har_vit_reference.yaml"
 OUT_ROOT = ROOT / "outputs" / "rehearsal"
 HAR_SAMPLE = ROOT.parent / "shared" / "data" / "har_sample"
 BUCKET = "har-rehearsal"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SAMPLE_S = 0.2  # RSS sampling period; spikes shorter than this can be missed
 STEP_TIMEOUT_S = 1800  # a hung step is killed and reported, the rehearsal goes on
 PAGE_TIMEOUT_S = 600  # the kernel pulls ~750 MB from the moto S3 and hashes it before the page shows
@@ -604,19 +595,6 @@ def run_profile(
     return out
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """Wait until the server accepts TCP connections (a GET would start a kernel)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RehearsalError(f"voila exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise RehearsalError(f"voila did not listen on {port} within {timeout_s:.0f} s")
-
-
 def voila_rss(server_pid: int) -> tuple[list[int], int]:
     """(RSS of each live ipykernel child, RSS of the Voila server) in bytes."""
     import psutil
@@ -635,7 +613,7 @@ def browse(url: str, photo: Path, top_k: int, server_pid: int) -> dict:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**launch_options())
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
@@ -703,7 +681,7 @@ def serve_and_browse(env: dict[str, str], photo: Path, top_k: int, log: Path) ->
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         with sampled_peak(proc.pid) as box:
             try:
-                wait_for_port(port, proc)
+                wait_for_port(port, proc, timeout_s=120)
                 found.update(browse(f"http://127.0.0.1:{port}/", photo, top_k, proc.pid), ok=True)
             except Exception as exc:  # a browser timeout or a page error: reported, the rehearsal goes on
                 found.update(ok=False, error=f"{type(exc).__name__}: {exc}")
