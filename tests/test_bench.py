@@ -1,5 +1,6 @@
 """lib.bench --quick writes the benchmark JSON (reference alone, student, batch classification, ISA flags); served
-ONNX Runtime sessions never spin; lib.bench.gpu refuses without CUDA and runs --dry-run."""
+ONNX Runtime sessions never spin; lib.bench.gpu refuses without CUDA, runs --dry-run (distillation and batch
+classification included) and names what its time budget skipped."""
 
 from __future__ import annotations
 
@@ -110,13 +111,63 @@ def test_gpu_bench_refuses_without_cuda(
 
 
 @pytest.mark.integration
-def test_gpu_bench_dry_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """--dry-run runs the whole script on the CPU with tiny settings and labels its numbers as not GPU."""
+def test_gpu_bench_dry_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--dry-run runs the whole script on the CPU with tiny settings and labels its numbers as not GPU; the student
+    is distilled at har_vit.yaml's depth (capped for the tiny teacher) and lib.batch classifies every image asked
+    for with the teacher's and the student's int8 exports, on the CPU."""
+    from lib.distill import kept_blocks
+    from lib.params import VitConfig, load_params
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert gpu_bench.main(["--dry-run", "--batch-images", "7", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("gpu-*-dry.json")
     result = json.loads(path.read_text())
     assert result["dry_run"] is True and result["device"] == "cpu" and "not GPU" in result["card"]
     assert set(result["train"]) == {"fp32_eager", "bf16_sdpa"}
     assert all(r["images_per_s"] > 0 for r in result["train"].values())
     assert result["eval"]["ours_dataset_logits_images_per_s"] > 0 and result["eval"]["reference_loop_images_per_s"] > 0
+    assert result["skipped"] == []
+
+    distill = result["distill"]
+    tiny_blocks = VitConfig().num_hidden_layers  # 4: fewer than the 6 har_vit.yaml keeps
+    layers = min(load_params(ROOT / "params" / "har_vit.yaml").export.student_layers, tiny_blocks // 2)
+    assert distill["images_per_s"] > 0 and distill["batch"] == 4 and distill["steps"] == 2
+    assert distill["teacher_blocks"] == tiny_blocks and distill["student_blocks"] == layers
+    assert distill["kept_blocks"] == kept_blocks(tiny_blocks, layers)
+    assert "export.student_layers of har_vit.yaml" in distill["student_layers_source"]
+
+    batch = result["batch_classify"]
+    assert batch["n_images"] == 7 and "CPUExecutionProvider" in batch["runs_on"] and batch["ort_intra_op_threads"] == 1
+    assert set(batch["rows"]) == {"teacher_int8", "student_int8"}
+    for row in batch["rows"].values():
+        assert (row["n_images"], row["images_classified"], row["errors"]) == (7, 7, 0)
+        assert row["file"] == "model.int8.onnx" and row["images_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert f"distill fp32_sdpa (student of {layers}/{tiny_blocks} blocks" in printed
+    assert printed.count("batch classify ") == 2
+
+
+def test_gpu_bench_budget_skips_every_part(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A budget of 0 s measures nothing and names every part, distillation and batch classification included."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_bench.main(["--dry-run", "--budget-s", "0", "--backbones", "dinov2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("gpu-*-dry.json")
+    result = json.loads(path.read_text())
+    parts = ["train fp32_eager", "train bf16_sdpa", "train dinov2", "eval", "distill", "batch_classify"]
+    assert result["skipped"] == parts
+    assert not {"eval", "distill", "batch_classify"} & set(result) and result["train"] == {}
+
+
+def test_gpu_bench_refuses_a_student_deeper_than_its_teacher() -> None:
+    """--student-layers beyond ViT-B/16's 12 blocks fails before anything is measured, naming the depth."""
+    args = gpu_bench.parse_args(["--student-layers", "13"])
+    with pytest.raises(ValueError, match="between 1 and 12 encoder blocks of its teacher, not 13"):
+        gpu_bench.run(args)
+
+
+@pytest.mark.parametrize("option", ["--batch-images", "--ort-threads", "--steps"])
+def test_gpu_bench_refuses_counts_below_one(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A count of 0 or less stops at the command line, naming the option, instead of measuring nothing."""
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args([option, "-3"])
+    assert option in capsys.readouterr().err
