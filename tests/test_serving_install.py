@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -138,6 +139,8 @@ def test_serving_install_pulls_and_classifies_without_torch(
         capture_output=True,
         text=True,
         timeout=300,
+        # A PYTHONPATH naming a checkout would put its lib/ before the installed package under test.
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -90,8 +90,11 @@ def test_broken_heic_is_refused_naming_heic():
     data = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
     with pytest.raises(UploadError, match="HEIC/HEIF photo is damaged"):
         decode_image(data, MAX, PIXELS)
+    whole = heic(banded())
+    # Half the file: HEVC decoders differ in how many trailing bytes they do without (libde265 1.1 decodes this
+    # small image with its last 20 bytes cut), none decodes an image whose coded data is half gone.
     with pytest.raises(UploadError, match="damaged or truncated"):
-        decode_image(heic(banded())[:-20], MAX, PIXELS)
+        decode_image(whole[: len(whole) // 2], MAX, PIXELS)
 
 
 def test_heic_without_pillow_heif_gets_the_export_hint(monkeypatch: pytest.MonkeyPatch):
