@@ -142,8 +142,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step: Callable[[], Any], warmup: int, steps: int, device: str) -> float:
-    """Seconds that `steps` calls of step take after `warmup` untimed ones (queued GPU work included)."""
+def step_speed(step: Callable[[], Any], batch: int, warmup: int, steps: int, device: str) -> dict:
+    """Images/s of `steps` calls of step on `batch` images after `warmup` untimed ones (queued GPU work included),
+    with the GPU's peak memory from the first call on (NaN on the CPU)."""
+    import torch
+
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     sync(device)
@@ -151,7 +157,14 @@ def timed_steps(step: Callable[[], Any], warmup: int, steps: int, device: str) -
     for _ in range(steps):
         step()
     sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return {
+        "batch": batch,
+        "steps": steps,
+        "seconds": seconds,
+        "images_per_s": batch * steps / seconds,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan"),
+    }
 
 
 def halve_on_oom(measure: Callable[[int], dict], batch: int) -> dict:
@@ -181,8 +194,6 @@ def train_speed(
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 15, (batch,), device=device)
     use_bf16 = mode == "bf16_sdpa" and device.startswith("cuda")
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
 
     def step(model: Any, opt: Any) -> float:  # both passed in: the caller deletes them to free the GPU
         with torch.autocast(
@@ -194,21 +205,11 @@ def train_speed(
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    seconds = timed_steps(partial(step, model, opt), warmup, steps, device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    speed = step_speed(partial(step, model, opt), batch, warmup, steps, device)
     del model, opt
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {
-        "mode": mode,
-        "backbone": backbone,
-        "image_size": size,
-        "batch": batch,
-        "steps": steps,
-        "seconds": seconds,
-        "images_per_s": batch * steps / seconds,
-        "peak_gib": peak,
-    }
+    return {"mode": mode, "backbone": backbone, "image_size": size, **speed}
 
 
 def synthetic_dataset(n: int, seed: int = 0) -> Any:
@@ -328,8 +329,6 @@ def distill_speed(dry_run: bool, device: str, batch: int, steps: int, plan: dict
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 15, (batch,), device=device)
     on_gpu = device.startswith("cuda")
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
 
     def step(teacher: Any, student: Any, opt: Any) -> float:  # passed in: the caller deletes them to free the GPU
         with torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=on_gpu):
@@ -348,8 +347,7 @@ def distill_speed(dry_run: bool, device: str, batch: int, steps: int, plan: dict
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    seconds = timed_steps(partial(step, teacher, student, opt), warmup, steps, device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
+    speed = step_speed(partial(step, teacher, student, opt), batch, warmup, steps, device)
     blocks = {
         "student_blocks": len(encoder_layers(student)),
         "teacher_blocks": len(encoder_layers(teacher)),
@@ -361,11 +359,7 @@ def distill_speed(dry_run: bool, device: str, batch: int, steps: int, plan: dict
     return {
         "mode": "bf16_sdpa" if on_gpu else "fp32_sdpa",
         "image_size": size,
-        "batch": batch,
-        "steps": steps,
-        "seconds": seconds,
-        "images_per_s": batch * steps / seconds,
-        "peak_gib": peak,
+        **speed,
         **blocks,
         "student_layers_source": plan["student_layers_source"],
         "temperature": plan["temperature"],
