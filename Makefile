@@ -6,7 +6,7 @@ PARAMS ?= params/demo.yaml
 PROFILE ?= params/har_vit.yaml
 TENSORBOARD_PORT ?= 6006
 
-.PHONY: setup demo test test-fast lint format lab tensorboard dashboard bench check rehearsal clean
+.PHONY: setup demo test test-fast lint format lab tensorboard dashboard bench check rehearsal results clean
 
 setup: $(VENV)/.installed
 
@@ -28,12 +28,12 @@ test-fast: setup  ## the unit tests only (no notebooks, subprocess pipelines, se
 	$(PY) -m pytest -q -m "not integration"
 
 lint: setup  ## ruff: lint and format check of lib, tests, deploy and the notebooks
-	$(VENV)/bin/ruff check lib tests deploy notebooks
-	$(VENV)/bin/ruff format --check lib tests deploy notebooks
+	$(VENV)/bin/ruff check lib tools tests deploy notebooks
+	$(VENV)/bin/ruff format --check lib tools tests deploy notebooks
 
 format: setup  ## ruff: fix what can be fixed, then format
-	$(VENV)/bin/ruff check --fix lib tests deploy notebooks
-	$(VENV)/bin/ruff format lib tests deploy notebooks
+	$(VENV)/bin/ruff check --fix lib tools tests deploy notebooks
+	$(VENV)/bin/ruff format lib tools tests deploy notebooks
 
 # Kernels start in their notebook's folder (Jupyter's default), so notebooks/ keeps its relative paths.
 lab: setup  ## JupyterLab at the repository root (notebooks, params, outputs), on the project's kernel
@@ -46,7 +46,7 @@ dashboard: setup  ## serve the Voila dashboard on 127.0.0.1 with the demo's publ
 	$(VENV)/bin/voila notebooks/dashboard.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866
 
 bench: setup  ## CPU serving and evaluation benchmark
-	$(PY) -m lib.bench $(BENCH_ARGS)
+	$(PY) -m tools.bench $(BENCH_ARGS)
 
 # IMAGES: a folder or s3://bucket/prefix (default: the demo's generated images); BATCH_ARGS: --model, --shard i/N ...
 IMAGES ?= outputs/_cache/embedded_n120_s0
@@ -56,7 +56,10 @@ classify: setup  ## classify every image of IMAGES with the latest published mod
 	$(PY) -m lib.batch --images $(IMAGES) --out $(BATCH_OUT) $(BATCH_ARGS)
 
 rehearsal: setup  ## the real profile, every stage, full-size ViT-B/16, offline (CPU, or the GPU when present)
-	$(PY) -m lib.rehearsal --profile $(PROFILE) $(REHEARSAL_ARGS)
+	$(PY) -m tools.rehearsal --profile $(PROFILE) $(REHEARSAL_ARGS)
+
+results: setup  ## collect new bench and rehearsal records into docs/measurements/ and regenerate docs/results.md
+	$(PY) tools/results.py
 
 check: setup  ## validate the params and print the stage plan
 	$(PY) -m lib.pipeline --params $(PARAMS) --check

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lib.metrics import classification_metrics
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -142,16 +144,22 @@ def served_calibration(
     val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray, fit: bool = True
 ) -> dict[str, float]:
     """What one served model and view achieves: T fitted on its own validation logits (1.0 when fit is off), and its
-    test accuracy, ECE before and after scaling, and NLL at T.
+    test accuracy, F1 (weighted and macro, as the evaluated model's), ECE before and after scaling, and NLL at T.
 
     The logits must come from the file and view that serving runs (one view, no flip averaging): a temperature fitted
-    on other logits (TTA, or the fp32 model when int8 is served) describes a different model.
+    on other logits (TTA, or the fp32 model when int8 is served) describes a different model. The test logits and
+    labels only measure: nothing here is fitted on them.
     """
     test_labels = np.asarray(test_labels, dtype=np.int64)
     temperature = fit_temperature(val_logits, val_labels) if fit and len(val_labels) else 1.0
+    scores = {"accuracy": float("nan"), "f1_weighted": float("nan"), "f1_macro": float("nan")}
+    if len(test_labels):
+        n_classes = np.shape(test_logits)[1]
+        found = classification_metrics(test_labels, np.argmax(test_logits, 1), [str(i) for i in range(n_classes)])
+        scores = {k: float(found[k]) for k in scores}
     return {
         "temperature": temperature,
-        "accuracy": float(np.mean(np.argmax(test_logits, 1) == test_labels)) if len(test_labels) else float("nan"),
+        **scores,
         "ece": expected_calibration_error(softmax(test_logits, temperature), test_labels),
         "ece_uncalibrated": expected_calibration_error(softmax(test_logits), test_labels),
         "nll": nll(test_logits, test_labels, temperature),

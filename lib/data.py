@@ -1,5 +1,5 @@
-"""Dataset loading (Hub id, image folder, embedded generator), de-duplication, near-duplicate grouping (dHash),
-group-aware stratified splits, transforms."""
+"""Dataset loading (Hub id, image folder, embedded generator), de-duplication, near-duplicate grouping (dHash
+candidates confirmed by thumbnail correlation), group-aware stratified splits, transforms."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ DHASH_RESAMPLE = Image.Resampling.BOX
 # drafts are faster but let a copy and its resized copy decode at different scales whose thumbnails drift apart
 # (64 px: up to 5 bits on 5/8-size copies of generated scenes; 96 px: 3, as with no draft).
 DHASH_DRAFT = (96, 96)
+# Near-duplicate confirmation: the grey thumbnail two candidate images are compared on, THUMB_SIDE x THUMB_SIDE
+# (squashed, BOX-averaged like the hash). The 9x8 hash sees only the coarse layout, which a plain studio background
+# with a figure in the middle shares with many unrelated photos; 1,024 pixels tell those apart, while re-encoding,
+# resizing and small crops barely move them.
+THUMB_SIDE = 32
 
 
 def embedded_folder(p: DataParams, cache_root: Path) -> Path:
@@ -84,23 +89,35 @@ def content_hashes(ds: Any) -> list[str]:
     return [hashlib.sha256(data).hexdigest() for data in _encoded_images(ds)]
 
 
-def dhash(img: Image.Image) -> int:
-    """64-bit difference hash: one bit per horizontally adjacent pair of a 9x8 grey thumbnail, set where the
-    right pixel is brighter; row-major, first bit most significant."""
+def fingerprint(img: Image.Image) -> tuple[int, np.ndarray]:
+    """(dHash, grey thumbnail) of one image from one decode: the 64-bit difference hash (one bit per horizontally
+    adjacent pair of a 9x8 grey thumbnail, set where the right pixel is brighter; row-major, first bit most
+    significant) and a THUMB_SIDE x THUMB_SIDE uint8 grey thumbnail."""
     # JPEG: decode only the luma channel, at a reduced DCT scale, inside the decoder; a no-op for other formats.
     img.draft("L", DHASH_DRAFT)
     if img.mode not in ("L", "RGB"):
         from lib.transforms import to_rgb
 
         img = to_rgb(img)  # transparency on white, 16-bit scaled, as the model sees the image
-    grey = np.asarray(img.convert("L").resize((DHASH_COLS, DHASH_ROWS), DHASH_RESAMPLE), dtype=np.int16)
-    return int.from_bytes(np.packbits(grey[:, 1:] > grey[:, :-1]).tobytes(), "big")
+    grey = img.convert("L")
+    cells = np.asarray(grey.resize((DHASH_COLS, DHASH_ROWS), DHASH_RESAMPLE), dtype=np.int16)
+    thumb = np.asarray(grey.resize((THUMB_SIDE, THUMB_SIDE), DHASH_RESAMPLE), dtype=np.uint8)
+    return int.from_bytes(np.packbits(cells[:, 1:] > cells[:, :-1]).tobytes(), "big"), thumb
 
 
-def image_dhashes(ds: Any) -> np.ndarray:
-    """dHash of each image of a dataset, as uint64."""
-    hashes = (dhash(Image.open(io.BytesIO(data))) for data in _encoded_images(ds))
-    return np.fromiter(hashes, dtype=np.uint64, count=len(ds))
+def dhash(img: Image.Image) -> int:
+    """The 64-bit difference hash of fingerprint()."""
+    return fingerprint(img)[0]
+
+
+def image_fingerprints(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """dHash (uint64, n) and grey thumbnail (uint8, n x THUMB_SIDE x THUMB_SIDE) of each image of a dataset."""
+    hashes = np.zeros(len(ds), dtype=np.uint64)
+    thumbs = np.zeros((len(ds), THUMB_SIDE, THUMB_SIDE), dtype=np.uint8)
+    for i, data in enumerate(_encoded_images(ds)):
+        h, thumbs[i] = fingerprint(Image.open(io.BytesIO(data)))
+        hashes[i] = np.uint64(h)
+    return hashes, thumbs
 
 
 _BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -150,15 +167,42 @@ def connected_groups(n: int, pairs: np.ndarray) -> np.ndarray:
         groups = new
 
 
-def duplicate_groups(sha256: list[str], dhashes: np.ndarray | None, max_distance: int | None) -> tuple[np.ndarray, int]:
-    """Group ids joining byte-identical images and images whose dHashes are within max_distance bits; also the
-    number of near pairs. dhashes or max_distance None: byte-identical copies only."""
+def thumbnail_similarity(thumbs: np.ndarray, pairs: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Pearson correlation of the two thumbnails of each index pair, in [-1, 1]: blind to brightness and contrast
+    (gain and offset), 1 for copies, low for unrelated images. Two flat thumbnails count as 1 (nothing tells them
+    apart at this size), one flat and one not as 0."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    flat = np.asarray(thumbs).reshape(len(thumbs), -1)
+    out = np.empty(len(pairs), dtype=np.float64)
+    for start in range(0, len(pairs), chunk):  # chunks keep memory flat however many candidates there are
+        a, b = (flat[pairs[start : start + chunk, k]].astype(np.float64) for k in (0, 1))
+        a -= a.mean(axis=1, keepdims=True)
+        b -= b.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        dot = (a * b).sum(axis=1)
+        both_flat = ~a.any(axis=1) & ~b.any(axis=1)
+        out[start : start + chunk] = np.where(norms > 0, dot / np.where(norms > 0, norms, 1), both_flat)
+    return out
+
+
+def near_duplicate_pairs(
+    dhashes: np.ndarray, thumbs: np.ndarray, max_distance: int, min_similarity: float | None
+) -> tuple[np.ndarray, int]:
+    """(near-duplicate pairs, number of candidates): the candidates are the index pairs whose dHashes differ in at
+    most max_distance bits; each is kept when its thumbnails correlate at least min_similarity (every candidate
+    when min_similarity is None)."""
+    candidates = near_pairs(dhashes, max_distance)
+    if min_similarity is None or not len(candidates):
+        return candidates, len(candidates)
+    return candidates[thumbnail_similarity(thumbs, candidates) >= min_similarity], len(candidates)
+
+
+def duplicate_groups(sha256: list[str], near: np.ndarray | None = None) -> np.ndarray:
+    """Group ids joining byte-identical images and the given near-duplicate index pairs (transitively)."""
     _, first, inverse = np.unique(np.asarray(sha256, dtype=str), return_index=True, return_inverse=True)
     same = np.stack([np.arange(len(sha256)), first[inverse.reshape(-1)]], axis=1)  # each image to its first copy
-    near = np.empty((0, 2), dtype=np.int64)
-    if dhashes is not None and max_distance is not None:
-        near = near_pairs(dhashes, max_distance)
-    return connected_groups(len(sha256), np.concatenate([same, near])), len(near)
+    near = np.empty((0, 2), dtype=np.int64) if near is None else np.asarray(near, dtype=np.int64).reshape(-1, 2)
+    return connected_groups(len(sha256), np.concatenate([same, near]))
 
 
 def first_occurrences(hashes: list[str]) -> np.ndarray:
@@ -338,8 +382,12 @@ def prepare(p: DataParams, out_dir: Path, cache_root: Path) -> tuple[Any, dict]:
     ds = ds.select(cap_per_class(labels, p.max_per_class, p.seed))
     labels, kept = np.asarray(ds["label"]), ds["sha256"]
     # Hashed after the cap: only the images that get split can leak, and a capped run decodes fewer images.
-    dhashes = image_dhashes(ds) if p.near_duplicate_distance is not None else None
-    groups, n_pairs = duplicate_groups(kept, dhashes, p.near_duplicate_distance)
+    joined, n_candidates, similarity = np.empty((0, 2), dtype=np.int64), 0, None
+    if p.near_duplicate_distance is not None:
+        dhashes, thumbs = image_fingerprints(ds)
+        similarity = p.near_duplicate_min_similarity
+        joined, n_candidates = near_duplicate_pairs(dhashes, thumbs, p.near_duplicate_distance, similarity)
+    groups = duplicate_groups(kept, joined)
     parts = group_split(labels, groups, p.val_fraction, p.test_fraction, p.seed)
     near = near_duplicate_report(groups, kept, labels, names, parts)
     dd = DatasetDict({name: ds.select(parts[name]) for name in SPLITS})
@@ -362,7 +410,9 @@ def prepare(p: DataParams, out_dir: Path, cache_root: Path) -> tuple[Any, dict]:
             "exact_copies_dropped": exact["copies"] if p.dedup else 0,
             "exact_mixed_label_groups": len(exact["mixed_label"]),
             "near_duplicate_distance": p.near_duplicate_distance,
-            "near_pairs": n_pairs,
+            "near_duplicate_min_similarity": similarity,
+            "near_candidate_pairs": n_candidates,
+            "near_pairs": len(joined),
             "near_groups": near["groups"],
             "near_group_images": near["images"],
             "largest_near_group": near["largest"],
@@ -403,13 +453,15 @@ def duplicate_table(summary: dict) -> Any:
     import pandas as pd
 
     dup = summary["duplicates"]
-    distance = dup["near_duplicate_distance"]
+    distance, similarity = dup["near_duplicate_distance"], dup.get("near_duplicate_min_similarity")
     rows = {
         "exact duplicate groups (same sha256)": dup["exact_groups"],
         "exact copies dropped": dup["exact_copies_dropped"],
         "exact groups with mixed labels": dup["exact_mixed_label_groups"],
         "near-duplicate distance (dHash bits)": "off" if distance is None else distance,
-        "near pairs within that distance": dup["near_pairs"],
+        "candidate pairs within that distance": dup.get("near_candidate_pairs", dup["near_pairs"]),
+        "thumbnail correlation confirming a pair": "off" if similarity is None else similarity,
+        "near pairs (confirmed candidates)": dup["near_pairs"],
         "near-duplicate groups (kept, one split each)": dup["near_groups"],
         "images in near-duplicate groups": dup["near_group_images"],
         "largest near-duplicate group": dup["largest_near_group"],

@@ -1,5 +1,6 @@
 """Export stage: the trained classifier to ONNX (dynamic batch), fused for ONNX Runtime, quantized to int8,
-checked against PyTorch on the test split, and the serving model chosen by a stated rule.
+checked against PyTorch on the validation split, and the serving model chosen there by a stated rule; the chosen
+file's test metrics are then measured once and reported.
 
 Two fp32 files are kept: model.standard.onnx, the exporter's output with standard ONNX ops only (any runtime that
 implements the opset), and model.onnx, fused with ONNX Runtime's contrib ops (Attention, SkipLayerNormalization,
@@ -7,11 +8,14 @@ BiasGelu: ONNX Runtime only), which is what is served.
 
 With export.student_layers set, export_student also distils a student with fewer encoder blocks from the trained
 model (lib.distill) and exports it the same way into export/student/; the serving gate (choose_variant) then serves
-the cheapest variant that passes on the test split, the teacher's fp32 file when none does.
+the cheapest variant that passes on the validation split, the teacher's fp32 file when none does.
+
+The test split plays no part in the choice: were the gate measured on it, the figures reported for the chosen file
+would be those it was selected for, and optimistic. Only the chosen file is run on the test split (report_served).
 
 The stage's steps are public functions: export_model, export_student, check_exports (with require_fp32_agreement),
-choose_variant, served_calibration, write_results. run_export calls them in order; 03b_export.ipynb calls them one
-cell each.
+choose_variant, report_served, write_results. run_export calls them in order; 03b_export.ipynb calls them one cell
+each.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ OUTPUT_NAME = "logits"
 # LayerNorm, Softmax, GELU, the patch embedding and the classifier head stay in float.
 DYNAMIC_OPS = ["MatMul", "Attention"]
 STATIC_OPS = ["MatMul"]
+DECISION_SPLIT = "validation"  # the split the export checks and the serving gate are measured on
+REPORT_SPLIT = "test"  # the split the chosen file's reported figures come from, measured once after the choice
 
 
 def export_torchscript(model: Any, path: Path, image_size: int, opset: int) -> Path:
@@ -414,9 +420,11 @@ def check_exports(
     latency_images: int = 12,
     threads: int | None = None,
     student_dir: Path | None = None,
+    split: str = DECISION_SPLIT,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """PyTorch (fp32) and each ONNX file on a split: agreement, accuracy, delta, size, latency per image, encoder
-    blocks and precision; and the logits of each variant on the split (for the served variant's calibration).
+    """PyTorch (fp32) and each ONNX file on a split (ds, named by split): agreement, accuracy, delta, size, latency
+    per image, encoder blocks and precision; and the logits of each variant on the split (the served variant's
+    temperature is fitted on them).
 
     student_dir (export/student, as export_student leaves it): its fp32 and int8 files are checked too, as variants
     student_fp32 and student_int8: agreement with the trained (teacher) PyTorch model, accuracy drop against it, and
@@ -480,21 +488,23 @@ def check_exports(
                 "layers": encoder_depth(student),
                 "precision": "int8" if variant.endswith("int8") else "fp32",
             }
-    return {"test_images": int(len(ds)), "variants": rows}, kept
+    return {"split": split, "images": int(len(ds)), "variants": rows}, kept
 
 
-def served_calibration(model_dir: Path, path: Path, val: Any, test: Any, test_logits: np.ndarray, p: Params) -> dict:
-    """Temperature fitted on the served ONNX file's single-view validation logits, with its test accuracy and ECE."""
-    from lib.calibration import served_calibration as describe
+def report_served(model_dir: Path, path: Path, val: Any, val_logits: np.ndarray, test: Any, p: Params) -> dict:
+    """What the chosen ONNX file achieves, once the choice is made: its temperature fitted on its single-view
+    validation logits (val_logits, from check_exports; T = 1 with evaluate.calibrate off), and its test accuracy,
+    F1 (weighted, macro), ECE and NLL from its logits on the test split, which is run here and nowhere before.
+    """
+    from lib.calibration import served_calibration
 
+    pred = Predictor(
+        onnx_runner(onnx_session(path)), config_labels(model_dir), load_spec(model_dir), 1.0, "onnx", str(path)
+    )
+    test_logits = predictor_logits(pred, test, p.evaluate.batch_size, progress=REPORT_SPLIT)
     fit = p.evaluate.calibrate and len(val) > 0
-    val_logits = np.zeros((0, test_logits.shape[1]), np.float32)
-    if fit:
-        pred = Predictor(
-            onnx_runner(onnx_session(path)), config_labels(model_dir), load_spec(model_dir), 1.0, "onnx", str(path)
-        )
-        val_logits = predictor_logits(pred, val, p.evaluate.batch_size, progress="validation")
-    return describe(val_logits, np.asarray(val["label"]), test_logits, np.asarray(test["label"]), fit=fit)
+    served = served_calibration(val_logits, np.asarray(val["label"]), test_logits, np.asarray(test["label"]), fit=fit)
+    return {"decided_on": DECISION_SPLIT, "reported_on": REPORT_SPLIT, **served}
 
 
 def calibration_pixels(ds: Any, spec: ImageSpec, n: int = 64) -> np.ndarray:
@@ -510,20 +520,25 @@ def require_fp32_agreement(check: dict, min_agreement: float) -> None:
 
     Both files are published and neither is quantized, so anything beyond float noise is an export bug.
     """
-    rows = check["variants"]
+    rows, where = check["variants"], _on_split(check)
     for fp in ("standard", "fp32"):
-        if check["test_images"] and rows[fp]["agreement"] < min_agreement:
+        if check["images"] and rows[fp]["agreement"] < min_agreement:
             raise RuntimeError(
                 f"the {fp} ONNX export ({rows[fp]['file']}) disagrees with PyTorch (top-1 agreement "
-                f"{rows[fp]['agreement']:.4f}): not publishing it"
+                f"{rows[fp]['agreement']:.4f}{where}): not publishing it"
             )
     # A student's fp32 file answers to the student's own PyTorch model (its agreement with the teacher is the gate's).
     student = rows.get("student_fp32")
-    if student and check["test_images"] and student["agreement_pytorch"] < min_agreement:
+    if student and check["images"] and student["agreement_pytorch"] < min_agreement:
         raise RuntimeError(
             f"the student's fp32 ONNX export ({student['file']}) disagrees with the student's PyTorch model (top-1 "
-            f"agreement {student['agreement_pytorch']:.4f}): not publishing it"
+            f"agreement {student['agreement_pytorch']:.4f}{where}): not publishing it"
         )
+
+
+def _on_split(check: dict) -> str:
+    """' on the <split> split' for messages about a check, '' for a check that does not name its split."""
+    return f" on the {check['split']} split" if check.get("split") else ""
 
 
 # Variants the gate may serve. The teacher's fp32 model.onnx is the fallback: it is served when none of these passes,
@@ -545,7 +560,8 @@ def gate_verdicts(check: dict, ep: ExportParams) -> list[dict]:
     """Every gated variant of a check, cheapest first (variant_cost), with whether it passes the gate and why.
 
     Passing: accuracy drop against the trained PyTorch model <= export.max_accuracy_drop, and top-1 agreement with it
-    >= export.min_agreement for the teacher's int8 file, >= export.min_student_agreement for a student's files.
+    >= export.min_agreement for the teacher's int8 file, >= export.min_student_agreement for a student's files, both
+    measured on the check's split (run_export: validation).
     """
     rows = check["variants"]
     verdicts = []
@@ -554,7 +570,7 @@ def gate_verdicts(check: dict, ep: ExportParams) -> list[dict]:
         need = ep.min_student_agreement if variant.startswith("student") else ep.min_agreement
         agree, drop = float(row["agreement"]), float(row["accuracy_drop"])
         if not np.isfinite(agree) or not np.isfinite(drop):
-            passed, why = False, "could not be checked (empty test split)"
+            passed, why = False, f"could not be checked (empty {check.get('split', 'checked')} split)"
         elif agree < need:
             passed, why = False, f"top-1 agreement {agree:.4f} < {need}"
         elif drop > ep.max_accuracy_drop + 1e-12:
@@ -575,16 +591,18 @@ def gate_verdicts(check: dict, ep: ExportParams) -> list[dict]:
 
 
 def choose_variant(check: dict, ep: ExportParams) -> tuple[str, str, str]:
-    """(file, variant, reason): the cheapest gated variant that passes (gate_verdicts), else the teacher's fp32 ONNX."""
-    verdicts = gate_verdicts(check, ep)
+    """(file, variant, reason): the cheapest gated variant that passes (gate_verdicts), else the teacher's fp32 ONNX;
+    the reason names the split the gate was measured on."""
+    verdicts, where = gate_verdicts(check, ep), _on_split(check)
     if not verdicts:
         return FP32_FILE, "fp32", "no int8 model (quantization disabled) and no student: serving fp32 ONNX"
     chosen = next((v for v in verdicts if v["passed"]), None)
     cheaper = verdicts[: verdicts.index(chosen)] if chosen else verdicts  # all of them fail
     failing = "; ".join(f"{v['variant']}: {v['reason']}" for v in cheaper)
     if chosen is None:
-        return FP32_FILE, "fp32", f"no variant passes the gate ({failing}): serving the trained model's fp32 ONNX"
-    reason = f"{chosen['variant']} is the cheapest variant passing the gate ({chosen['reason']})"
+        reason = f"no variant passes the gate{where} ({failing}): serving the trained model's fp32 ONNX"
+        return FP32_FILE, "fp32", reason
+    reason = f"{chosen['variant']} is the cheapest variant passing the gate{where} ({chosen['reason']})"
     if cheaper:
         reason += f"; cheaper variants fail ({failing})"
     return chosen["file"], chosen["variant"], f"{reason}: serving {chosen['file']}"
@@ -619,7 +637,12 @@ def write_results(
     student: dict | None = None,
 ) -> dict:
     """Write export/serving.json (what the predictor loads) and metrics.json["export"] and ["served"]; return the
-    export result (export info, checks, serving; the student's distillation and export info when there is one)."""
+    export result (export info, checks, serving; the student's distillation and export info when there is one).
+
+    check is the decision split's (check_exports); served is report_served's. serving.json keeps both apart: the
+    gate's figures (agreement, accuracy_drop, validation_*) under decided_on, the chosen file's test figures (test_*)
+    under reported_on; metrics.json["served"] holds the test figures (accuracy, f1_weighted, f1_macro, ece) alone.
+    """
     from lib.distill import STUDENT_DIR
 
     out = Path(out)
@@ -629,20 +652,25 @@ def write_results(
     files = dict(info["files"])
     if student:
         files |= {f"student_{k}": f"{STUDENT_DIR}/{name}" for k, name in student["files"].items()}
+    split = check.get("split", DECISION_SPLIT)
     serving = {
         "file": file,
         "variant": variant,
         "reason": reason,
         "layers": chosen.get("layers"),
+        "decided_on": split,
+        f"{split}_images": check["images"],
         "agreement": chosen["agreement"],
-        "accuracy": chosen["accuracy"],
-        "accuracy_torch": torch_row["accuracy"],
         "accuracy_drop": chosen["accuracy_drop"],
-        "test_images": check["test_images"],
+        f"{split}_accuracy": chosen["accuracy"],
+        f"{split}_accuracy_torch": torch_row["accuracy"],
+        "reported_on": served.get("reported_on", REPORT_SPLIT),
+        "test_images": served["test_images"],
+        **{f"test_{k}": served[k] for k in ("accuracy", "f1_weighted", "f1_macro")},
         "min_agreement": ep.min_agreement,
         "min_student_agreement": ep.min_student_agreement,
         "max_accuracy_drop": ep.max_accuracy_drop,
-        "gate": gate_verdicts(check, ep),  # every candidate, cheapest first, passed or not and why
+        "gate": gate_verdicts(check, ep),  # every candidate, cheapest first, passed or not and why (decided_on)
         "quantize": ep.quantize,
         "opset": ep.opset,
         "input": INPUT_NAME,
@@ -672,8 +700,9 @@ def write_results(
 
 def run_export(p: Params, out: Path) -> dict:
     """The export stage in one call, the steps 03b_export.ipynb shows one by one: export, fuse and quantize; distil and
-    export the student (export.student_layers); check every file against PyTorch on the test split; choose the serving
-    file; calibrate it; write serving.json and metrics."""
+    export the student (export.student_layers); check every file against PyTorch on the validation split; choose the
+    serving file there; calibrate it on validation and measure it once on the test split; write serving.json and
+    metrics."""
     from lib.data import load_splits
     from lib.distill import student_dir
 
@@ -684,16 +713,18 @@ def run_export(p: Params, out: Path) -> dict:
     calibration = calibration_pixels(splits["validation"], load_spec(model_dir)) if ep.quantize == "static" else None
     info = export_model(model_dir, export_dir, ep.opset, ep.quantize, calibration)
     student = export_student(p, out, calibration)
+    val = splits[DECISION_SPLIT]
     check, logits = check_exports(
         model_dir,
         export_dir,
-        splits["test"],
+        val,
         batch_size=p.evaluate.batch_size,
         student_dir=student_dir(out) if student else None,
+        split=DECISION_SPLIT,
     )
     require_fp32_agreement(check, ep.min_agreement)
     file, variant, reason = choose_variant(check, ep)
-    served = served_calibration(model_dir, export_dir / file, splits["validation"], splits["test"], logits[variant], p)
+    served = report_served(model_dir, export_dir / file, val, logits[variant], splits[REPORT_SPLIT], p)
     return write_results(out, info, check, file, reason, served, ep, student)
 
 

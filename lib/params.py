@@ -46,6 +46,11 @@ class EmbeddedData(Section):
     seed: int = Field(0, description="Generator seed: the same seed draws byte-identical images.")
 
 
+# Largest dHash distance at which near-duplicate candidates may join unconfirmed: on real photos the hash alone starts
+# matching unrelated images (plain studio backgrounds, letterboxed video frames) at 7 bits.
+HASH_ONLY_MAX_DISTANCE = 6
+
+
 class DataParams(Section):
     """data: where the images come from, de-duplication and the train / validation / test split."""
 
@@ -76,18 +81,30 @@ class DataParams(Section):
         True, description="Drop byte-identical files (same SHA-256) before splitting, keeping the first."
     )
     near_duplicate_distance: int | None = Field(
-        4,
+        12,
         ge=0,
         le=16,
         description=(
-            "Images whose 64-bit difference hashes (dHash) differ in at most this many bits are joined into one "
-            "group, and a group never straddles the train/validation/test split; the images themselves are kept. "
-            "4 catches re-encoded, resized, re-watermarked and brightness-shifted copies of a photo (on the HAR "
-            "set: 46 non-identical pairs at distance 2, 292 pairs in 180 groups at 4). It errs generous on "
-            "purpose: a false match only keeps two unrelated images on the same side, which costs nothing for "
-            "leak-freeness, while a missed copy leaks. Larger values risk chaining (A~B~C joins A and C however "
-            "far apart), growing groups that make split sizes and stratification coarser. 0 joins only equal "
-            "hashes; None turns near-duplicate grouping off (byte-identical copies are still handled by dedup)."
+            "Candidate near-duplicates: images whose 64-bit difference hashes (dHash) differ in at most this many "
+            "bits. Each candidate pair confirmed by near_duplicate_min_similarity is joined into one group, "
+            "transitively, and a group never straddles the train/validation/test split; the images themselves are "
+            "kept. Copies of a photo re-encoded, resized, re-cropped or re-watermarked, and frames of the same shoot, "
+            "can sit up to about 12 bits apart. Above 6 bits the hash alone also matches unrelated photos (plain "
+            "studio backgrounds, letterboxed frames), so a larger distance needs a confirmation threshold. 0 joins "
+            "only equal hashes; null turns near-duplicate grouping off (byte-identical copies are still handled by "
+            "dedup)."
+        ),
+    )
+    near_duplicate_min_similarity: float | None = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description=(
+            "Confirmation of a candidate pair: the Pearson correlation of the two images' 32x32 grey thumbnails "
+            "must reach at least this (1: identical up to brightness and contrast). Re-encoded and resized copies "
+            "score near 1, re-crops and other frames of a shoot lower; unrelated photos that share a hash "
+            "neighbourhood (a figure on a plain background) stay below it. Lower values catch more re-crops and "
+            "join more unrelated photos. null: no confirmation, every candidate joins (allowed up to 6 bits only)."
         ),
     )
     val_fraction: float = Field(
@@ -100,6 +117,13 @@ class DataParams(Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataParams:
+        distance = self.near_duplicate_distance
+        if distance is not None and distance > HASH_ONLY_MAX_DISTANCE and self.near_duplicate_min_similarity is None:
+            raise ValueError(
+                f"near_duplicate_distance={distance} without near_duplicate_min_similarity: the hash alone above "
+                f"{HASH_ONLY_MAX_DISTANCE} bits joins unrelated photos (plain backgrounds, letterboxed frames); set a "
+                f"confirmation threshold (e.g. 0.8) or a distance of at most {HASH_ONLY_MAX_DISTANCE}"
+            )
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
@@ -308,7 +332,7 @@ class EvaluateParams(Section):
 
 
 class ExportParams(Section):
-    """export: ONNX files, int8 quantization and the rule choosing the served file."""
+    """export: ONNX files, int8 quantization and the rule choosing the served file (on the validation split)."""
 
     enabled: bool = Field(True, description="Run the export stage; without it the dashboard serves the PyTorch model.")
     opset: int = Field(18, ge=13, description="ONNX operator set version the exported files use.")
@@ -321,15 +345,16 @@ class ExportParams(Section):
         0.99,
         gt=0,
         le=1,
-        description="Share of test images on which a file's top-1 class must equal PyTorch's: int8 to be served, "
-        "the fp32 files to be kept at all.",
+        description="Share of validation images on which a file's top-1 class must equal PyTorch's: int8 to be "
+        "served, the fp32 files to be kept at all (the test split takes no part in the choice).",
     )
     max_accuracy_drop: float = Field(
         0.005,
         ge=0,
         lt=1,
-        description="Test accuracy a variant (int8, a student) may lose against the trained PyTorch model and still "
-        "be served (absolute, 0.005: half a point); the teacher's fp32 ONNX is served when none passes.",
+        description="Validation accuracy a variant (int8, a student) may lose against the trained PyTorch model and "
+        "still be served (absolute, 0.005: half a point); the teacher's fp32 ONNX is served when none passes. The "
+        "chosen file's test figures are measured afterwards and reported as served.",
     )
     student_layers: int | None = Field(
         None,
@@ -363,8 +388,8 @@ class ExportParams(Section):
         0.95,
         gt=0,
         le=1,
-        description="Share of test images on which a student's top-1 class must equal the trained model's for the "
-        "student to be served (with max_accuracy_drop).",
+        description="Share of validation images on which a student's top-1 class must equal the trained model's for "
+        "the student to be served (with max_accuracy_drop).",
     )
 
 

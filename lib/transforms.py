@@ -149,20 +149,33 @@ def load_spec(model_dir: str | Path) -> ImageSpec:
     )
 
 
+def _levels_to_rgb(levels: np.ndarray) -> Image.Image:
+    """Grey levels on the 0-255 scale (any float array) as an 8-bit RGB image, rounded and clipped."""
+    return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, P, RGBA, LA, I;16, CMYK ...) to 8-bit RGB; transparency goes on white."""
+    """Convert any PIL mode (L, P, RGBA, LA, I;16, I, F, CMYK ...) to 8-bit RGB; transparency goes on white.
+
+    Deeper greys are rescaled, never clipped: I;16 (16-bit PNG or TIFF) from 0-65535; I (32-bit integer TIFF), whose
+    mode says nothing of its range, from 0-255 when no level exceeds 255, else from 0-65535; F (float TIFF) from 0-1
+    when every value lies there (the float image convention), as levels when they lie in 0-255, else from its own
+    minimum and maximum."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16"):
+        return _levels_to_rgb(np.asarray(img, dtype=np.float64) * (255.0 / 65535.0))
+    if img.mode == "I":
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0
-        arr = arr / (65535.0 if hi > 255 else 255.0) * 255.0
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return _levels_to_rgb(arr if not arr.size or arr.max() <= 255 else arr * (255.0 / 65535.0))
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
         lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
-        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+        if lo >= 0 and hi <= 1:
+            return _levels_to_rgb(arr * 255.0)
+        if lo >= 0 and hi <= 255:
+            return _levels_to_rgb(arr)
+        return _levels_to_rgb((arr - lo) / ((hi - lo) or 1.0) * 255.0)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa"):

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lib.rehearsal.fake_s3 import FAKE_AWS_ENV, UNSET_AWS_ENV, start_moto
+from tools.fake_s3 import FAKE_AWS_ENV, UNSET_AWS_ENV, start_moto
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,12 @@
-"""Batch classification: same answers as the predictor, bad files listed while the rest go on, resume, shards that
-split the list disjointly and completely and merge back into the unsharded table, an s3:// prefix, a published
-version."""
+"""Batch classification: same answers as the predictor (through draft decoding, as in production), bad files listed
+while the rest go on, a batch that fails as a whole retried image by image, resume (after a kill anywhere, never
+under another model), shards that classify one planned manifest and merge back into the unsharded table, merge's
+checks, shards with nothing to classify, an s3:// prefix and manifest, a published version."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import io
 import json
 import shutil
@@ -18,17 +21,19 @@ from PIL import Image
 
 import lib.batch.images as batch_images
 from lib.batch.__main__ import main as batch_main
-from lib.batch.classify import PARTS, classify, served_variant
-from lib.batch.images import Shard, decode, parse_shard, shard_from
-from lib.batch.summary import merge
+from lib.batch.classify import classify, served_variant
+from lib.batch.images import ImageSource, Shard, decode, parse_shard, shard_from
+from lib.batch.manifest import plan
+from lib.batch.outputs import PARTS, write_atomic
+from lib.batch.summary import CAPTION, TILE, merge, thumbnail
 from lib.export import FP32_FILE, export_model
 from lib.model import build_model, save_model, save_temperature
-from lib.params import ModelParams
-from lib.predict import load_predictor
+from lib.params import ROOT, ModelParams
+from lib.predict import Predictor, load_predictor
 from lib.registry.storage import RegistryError
 from lib.transforms import ImageSpec
 
-LABELS = ["calling", "clapping", "cycling", "dancing", "eating"]  # 5 classes; folders of 11 and 13 images
+LABELS = ["calling", "clapping", "cycling", "dancing", "eating"]  # 5 classes; folders of 7 to 24 images
 
 torch.set_num_threads(1)
 
@@ -47,13 +52,19 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def write_images(folder: Path, n: int, seed: int = 0, start: int = 0) -> list[str]:
-    """n small images of assorted sizes, modes and formats in two sub-folders; their keys."""
+def picture(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """A w x h photo-like image: smooth colour fields with grain (JPEG keeps it small, draft decoding changes it)."""
+    base = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    grain = rng.integers(-25, 26, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(base, np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+def write_images(folder: Path, n: int, seed: int = 0, start: int = 0, sides: tuple[int, int] = (30, 120)) -> list[str]:
+    """n images of assorted sizes (sides in [lo, hi)), modes and formats in two sub-folders; their keys."""
     rng = np.random.default_rng(seed)
     keys = []
     for i in range(start, start + n):
-        w, h = int(rng.integers(30, 120)), int(rng.integers(30, 120))
-        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        im = picture(rng, int(rng.integers(*sides)), int(rng.integers(*sides)))
         key = f"{'ab'[i % 2]}/img_{i:03d}.{('jpg', 'png', 'png')[i % 3]}"
         (folder / key).parent.mkdir(parents=True, exist_ok=True)
         [im, im.convert("L"), im.convert("RGBA")][i % 3].save(folder / key)
@@ -61,10 +72,22 @@ def write_images(folder: Path, n: int, seed: int = 0, start: int = 0) -> list[st
     return keys
 
 
-def run(model: Path, images: Path | str, out: Path, **kw) -> dict:
+def run(model: Path | str, images: Path | str, out: Path, **kw) -> dict:
     """classify with small, single-threaded settings."""
     kw = {"batch_size": 4, "threads": 1, "workers": 1, "progress": False, "top_k": 3, **kw}
     return classify(str(model), images, out, **kw)
+
+
+def plan_cli(images: Path | str, out: Path, *extra: str) -> int:
+    """python -m lib.batch plan, as a user runs it before the shards."""
+    return batch_main(["plan", "--images", str(images), "--out", str(out), *extra])
+
+
+def covered(out: Path) -> list[str]:
+    """Every path of out's predictions.parquet and errors.csv, repeats kept, sorted."""
+    found = pd.read_parquet(out / "predictions.parquet")["path"].tolist()
+    found += pd.read_csv(out / "errors.csv", dtype=str)["path"].tolist()
+    return sorted(found)
 
 
 # --------------------------------------------------------------------------- shards
@@ -128,25 +151,81 @@ def test_served_variant_names() -> None:
 # --------------------------------------------------------------------------- classify
 
 
-def test_predictions_equal_the_predictor_and_summary(run_root: Path, tmp_path: Path) -> None:
-    keys = write_images(tmp_path / "images", 11)
-    (tmp_path / "images" / "notes.txt").write_text("not an image, not listed")
-    summary = run(run_root, tmp_path / "images", tmp_path / "out", draft=False)
+def test_batch_modules_import_one_way() -> None:
+    """lib.batch's modules import each other one way only: no module reaches back to one that imports it."""
+    graph = {}
+    for path in (ROOT / "lib" / "batch").glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lib.batch."):
+                imported.add(node.module.removeprefix("lib.batch."))
+        graph[path.stem] = imported
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    assert {"classify", "summary", "manifest", "outputs", "images"} <= graph.keys()
+    assert [m for m in sorted(graph) if reaches(m, m, set())] == []
+
+
+def test_predictions_equal_the_predictor_through_draft_decoding(
+    run_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The production default, draft decoding, on photos large enough for it: each JPEG decodes at a reduced scale
+    that still covers the model's resize, and the rows equal the predictor on the same drafted images. 19 images, so
+    the contact sheet shows the 16 least confident, in order."""
+    folder = tmp_path / "images"
+    keys = write_images(folder, 19, sides=(150, 420))
+    (folder / "notes.txt").write_text("not an image, not listed")
+    decoded: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
+    real = batch_images.decode
+
+    def spying(data: bytes, spec: ImageSpec, draft: bool = True) -> Image.Image:
+        original = Image.open(io.BytesIO(data))
+        img = real(data, spec, draft)
+        decoded.append((original.format, original.size, img.size))
+        return img
+
+    monkeypatch.setattr(batch_images, "decode", spying)
+    summary = run(run_root, folder, tmp_path / "out")
+    predictor = load_predictor(run_root, backend="onnx", threads=1)
+    side = predictor.spec.resize_to
+    jpegs = [(full, got) for fmt, full, got in decoded if fmt == "JPEG"]
+    assert len(decoded) == 19 and len(jpegs) == 7
+    assert all(got[0] < full[0] and got[1] < full[1] and min(got) >= side for full, got in jpegs)
+    assert all(got == full for fmt, full, got in decoded if fmt != "JPEG")
+
     table = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     assert table["path"].tolist() == sorted(keys)
-    predictor = load_predictor(run_root, backend="onnx", threads=1)
-    images = [Image.open(tmp_path / "images" / k) for k in table["path"]]
-    probs = predictor.predict_proba(images)
+
+    def opened(key: str, draft: bool) -> Image.Image:
+        img = Image.open(folder / key)
+        if draft:
+            img.draft(img.mode, (side, side))
+        img.load()
+        return img
+
+    probs = predictor.predict_proba([opened(k, draft=True) for k in table["path"]])
+    full = predictor.predict_proba([opened(k, draft=False) for k in table["path"]])
+    assert np.abs(probs - full).max() > 1e-4  # the comparison below tells drafted pixels from full ones
     top = np.argsort(-probs, axis=1, kind="stable")[:, :3]
     assert table["label"].tolist() == [LABELS[i] for i in top[:, 0]]
     assert [list(t) for t in table["top_labels"]] == [[LABELS[i] for i in row] for row in top]
     np.testing.assert_allclose(np.stack(table["top_probabilities"]), np.take_along_axis(probs, top, 1), atol=1e-5)
     assert set(table["model_version"]) == {f"run:{run_root.name}"} and set(table["variant"]) == {"fp32"}
-    assert summary["images_classified"] == 11 and summary["errors"] == 0
-    assert summary["class_counts"] == table["label"].value_counts().to_dict()
-    sheet = Image.open(tmp_path / "out" / "least_confident.png")
-    assert sheet.width == 4 * 160 and sheet.height == 3 * (160 + 30)  # 11 images (< 16) in rows of 4
+    assert summary["images_listed"] == summary["images_classified"] == 19 and summary["errors"] == 0
+    assert summary["class_counts"] == table["label"].value_counts().to_dict() and "note" not in summary
     assert not (tmp_path / "out" / PARTS).exists()
+
+    sheet = Image.open(tmp_path / "out" / "least_confident.png").convert("RGB")
+    assert sheet.size == (4 * TILE, 4 * (TILE + CAPTION))  # 16 of the 19, in rows of 4
+    paths = table["path"].tolist()
+    least = sorted(range(len(paths)), key=lambda i: (probs[i].max(), paths[i]))[:16]
+    source = ImageSource(folder)
+    for slot, i in enumerate(least):
+        x, y = (slot % 4) * TILE, (slot // 4) * (TILE + CAPTION)
+        tile = sheet.crop((x, y, x + TILE, y + TILE))
+        assert np.array_equal(np.asarray(tile), np.asarray(thumbnail(source, paths[i]))), (slot, paths[i])
 
 
 def test_bad_files_are_listed_and_the_rest_classified(run_root: Path, tmp_path: Path) -> None:
@@ -208,6 +287,104 @@ def test_resume_classifies_only_what_is_missing(run_root: Path, tmp_path: Path, 
         run(run_root, folder, out, top_k=2)
 
 
+def test_a_batch_that_fails_as_a_whole_is_classified_image_by_image(
+    run_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the model call fails for a whole batch, each of its images is tried alone: the one that breaks it is
+    listed with the reason, its batch mates get their rows, with the probabilities they get alone."""
+    folder = tmp_path / "images"
+    good = write_images(folder, 9)
+    Image.new("RGB", (90, 70), (0, 0, 0)).save(folder / "a" / "black.png")  # sorts first: batch 1 of 3
+    real = Predictor.predict_proba
+    calls: list[int] = []
+
+    def fragile(self: Predictor, images: list[Image.Image]) -> np.ndarray:
+        calls.append(len(images))
+        if any(np.asarray(im).max() == 0 for im in images):
+            raise RuntimeError("ONNX Runtime failed on this batch")
+        return real(self, images)
+
+    monkeypatch.setattr(Predictor, "predict_proba", fragile)
+    summary = run(run_root, folder, tmp_path / "out", batch_size=4)
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    assert errors.values.tolist() == [["a/black.png", "RuntimeError: ONNX Runtime failed on this batch"]]
+    table = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert table["path"].tolist() == sorted(good)
+    assert calls == [4, 1, 1, 1, 1, 4, 2]  # the failed batch of 4, then its images one by one, then the others
+    monkeypatch.setattr(Predictor, "predict_proba", real)
+    predictor = load_predictor(run_root, backend="onnx", threads=1)
+    alone = np.stack([predictor.predict_proba([Image.open(folder / k)])[0] for k in table["path"]])
+    np.testing.assert_allclose(table["probability"], alone.max(axis=1), atol=1e-5)
+    assert summary["images_classified"] == 9 and summary["errors"] == 1
+
+
+def test_resume_refuses_another_model_version(run_root: Path, tmp_path: Path) -> None:
+    """Rows of one model are never resumed with another: the rerun is refused and what was written stays."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    write_images(folder, 7)
+    run(run_root, folder, out)
+    before = {name: (out / name).read_bytes() for name in ("predictions.parquet", "run.json", "summary.json")}
+    other = tmp_path / "other-run"  # the same files, published as another version
+    shutil.copytree(run_root, other)
+    write_images(folder, 2, seed=4, start=7)  # work left to do, so that a resume would write rows
+    with pytest.raises(ValueError, match=rf"model_version: 'run:{run_root.name}' -> 'run:other-run'"):
+        run(other, folder, out)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not (out / PARTS).exists()
+
+
+def test_a_run_killed_while_consolidating_resumes_without_losing_a_row(
+    run_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed inside consolidate after it removed one part file: the resumed run writes new parts under names that
+    no part left behind holds, and every image ends up in the table exactly once."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    keys = write_images(folder, 13)
+    real_unlink = Path.unlink
+
+    def killed(self: Path, missing_ok: bool = False) -> None:
+        if self.parent.name == PARTS and self.name.endswith(".parquet"):
+            raise Interrupted
+        real_unlink(self, missing_ok=missing_ok)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Path, "unlink", killed)
+        with pytest.raises(Interrupted):
+            run(run_root, folder, out, chunk_size=4)  # parts of 4, 4, 4 and 1 rows
+    parts = sorted((out / PARTS).glob("*.parquet"))
+    assert len(parts) == 4 and len(pd.read_parquet(out / "predictions.parquet")) == 13
+    parts[0].unlink()  # what consolidate had removed when the kill came
+    keys += write_images(folder, 11, seed=2, start=13)  # work for the resumed run: three more parts
+    summary = run(run_root, folder, out, chunk_size=4)
+    table = pd.read_parquet(out / "predictions.parquet")
+    assert table["path"].tolist() == sorted(keys)
+    assert summary["images_classified"] == 24 and not (out / PARTS).exists()
+
+
+def test_write_atomic_leaves_no_half_file_and_no_shared_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    path.write_text("before")
+
+    def half(tmp: Path) -> None:
+        tmp.write_text("half of it")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, half)
+    assert path.read_text() == "before" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+    def outer(tmp: Path) -> None:  # a second writer of the same file finishes while the first is writing
+        tmp.write_text("outer")
+        write_atomic(path, lambda other: other.write_text("inner"))
+        assert path.read_text() == "inner"
+
+    write_atomic(path, outer)
+    assert path.read_text() == "outer" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+# --------------------------------------------------------------------------- shards, manifest, merge
+
+
 def test_merged_shards_equal_the_unsharded_run(
     run_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -217,6 +394,11 @@ def test_merged_shards_equal_the_unsharded_run(
     whole = tmp_path / "whole"
     run(run_root, folder, whole)
     sharded = tmp_path / "sharded"
+    with pytest.raises(FileNotFoundError, match="python -m lib.batch plan"):
+        run(run_root, folder, sharded, shard=Shard(0, 3))  # no shard starts without the planned list
+    capsys.readouterr()
+    assert plan_cli(folder, sharded) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 12
     run(run_root, folder, sharded, shard=Shard(0, 3))
     with pytest.raises(ValueError, match=r"shards \[1, 2\] of 3 are missing"):
         merge(sharded)
@@ -226,7 +408,7 @@ def test_merged_shards_equal_the_unsharded_run(
     assert batch_main([*common, "--batch-size", "4", "--top-k", "3"]) == 0
     monkeypatch.delenv("AWS_BATCH_JOB_ARRAY_INDEX")
     assert batch_main([*common, "--shard", "2/3", "--batch-size", "5", "--top-k", "3"]) == 0
-    assert {p.name for p in sharded.iterdir()} == {f"shard-0000{i}-of-00003" for i in range(3)}
+    assert {p.name for p in sharded.iterdir()} == {f"shard-0000{i}-of-00003" for i in range(3)} | {"manifest.json"}
     capsys.readouterr()
     assert batch_main(["merge", str(sharded)]) == 0
     assert json.loads(capsys.readouterr().out)["merged_shards"] == 3
@@ -237,6 +419,141 @@ def test_merged_shards_equal_the_unsharded_run(
     pd.testing.assert_frame_equal(pd.read_csv(whole / "errors.csv"), pd.read_csv(sharded / "errors.csv"))
     summaries = [json.loads((d / "summary.json").read_text()) for d in (whole, sharded)]
     assert summaries[0]["class_counts"] == summaries[1]["class_counts"]
+    assert summaries[1]["images_listed"] == 12
+
+
+def test_files_arriving_during_a_sharded_run_change_no_shard(run_root: Path, tmp_path: Path) -> None:
+    """The shards classify the planned list, whatever arrives after the plan: no file twice, none missed; every
+    run.json records the manifest's hash; a second plan is refused."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    planned = write_images(folder, 10)
+    assert plan_cli(folder, out) == 0
+    manifest = (out / "manifest.json").read_bytes()
+    run(run_root, folder, out, shard=Shard(0, 3))
+    write_images(folder, 3, seed=7, start=20)  # a/img_020 and a/img_022 move every file of b one place on
+    (folder / "a" / "img_000.jpg").rename(folder / "a" / "img_000-late.jpg")  # and one file renamed
+    run(run_root, folder, out, shard=Shard(1, 3))
+    run(run_root, folder, out, shard=Shard(2, 3))
+    merge(out)
+    found = covered(out)
+    assert found == sorted(planned)  # a/img_000.jpg, renamed after shard 0 read it, is classified once
+    digest = hashlib.sha256(manifest).hexdigest()
+    for i in range(3):
+        settings = json.loads((out / Shard(i, 3).folder / "run.json").read_text())
+        assert settings["manifest_sha256"] == digest and settings["manifest"] == str(out.resolve() / "manifest.json")
+    assert plan_cli(folder, out) == 1
+    assert (out / "manifest.json").read_bytes() == manifest
+    (tmp_path / "other-images").mkdir()
+    with pytest.raises(ValueError, match="lists the files of"):
+        run(run_root, tmp_path / "other-images", out, shard=Shard(1, 3))  # every shard classifies the same folder
+
+
+def test_merge_names_missing_and_duplicated_files(run_root: Path, tmp_path: Path) -> None:
+    """merge checks the shards against the manifest: each listed file exactly once, classified or in errors.csv,
+    and refuses a manifest other than the one the shards classified."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    keys = sorted(write_images(folder, 8))
+    (folder / "b" / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    plan(folder, out)
+    for i in range(3):
+        run(run_root, folder, out, shard=Shard(i, 3))
+    merge(out)
+    assert covered(out) == sorted([*keys, "b/zz-broken.jpg"])
+
+    one = out / Shard(1, 3).folder / "predictions.parquet"
+    rows = pd.read_parquet(one)
+    lost, extra = rows["path"].iloc[0], pd.read_parquet(out / Shard(0, 3).folder / "predictions.parquet").iloc[:1]
+    pd.concat([rows.iloc[1:], extra], ignore_index=True).to_parquet(one, index=False)
+    with pytest.raises(ValueError, match=rf"missing from every shard \(1\): {lost}; there more than once \(1\): "):
+        merge(out)
+    with pytest.raises(ValueError, match=extra["path"].iloc[0]):
+        merge(out)
+    rows.to_parquet(one, index=False)
+    moved = tmp_path / "gathered"  # the folder copied elsewhere: its own manifest.json, or --manifest, is read
+    shutil.copytree(out, moved)
+    shutil.move(out / "manifest.json", tmp_path / "kept.json")
+    assert batch_main(["merge", str(moved)]) == 0 and covered(moved) == covered(out)
+    (moved / "manifest.json").unlink()
+    assert batch_main(["merge", str(moved), "--manifest", str(tmp_path / "kept.json")]) == 0
+    shutil.move(tmp_path / "kept.json", out / "manifest.json")
+
+    (out / "manifest.json").unlink()  # planned again, with a file that arrived since
+    (folder / "a" / "late.png").write_bytes((folder / keys[1]).read_bytes())
+    plan(folder, out)
+    with pytest.raises(ValueError, match="not the one the shards classified"):
+        merge(out)
+
+
+def test_an_unsharded_runs_folder_is_neither_planned_nor_merged_over(run_root: Path, tmp_path: Path) -> None:
+    """An unsharded run keeps its own list (relisted on each start); shards never take it for a plan, plan never
+    replaces it, and merge never writes over an unsharded run's table."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    keys = write_images(folder, 3)
+    run(run_root, folder, out)
+    own = json.loads((out / "manifest.json").read_text())
+    assert own["planned"] is False and own["files"] == sorted(keys)
+    keys += write_images(folder, 2, seed=1, start=3)
+    assert run(run_root, folder, out)["images_classified"] == 5  # a rerun lists anew
+    assert json.loads((out / "manifest.json").read_text())["files"] == sorted(keys)
+    with pytest.raises(ValueError, match="unsharded run"):
+        plan(folder, out)
+    with pytest.raises(ValueError, match="unsharded run"):
+        run(run_root, folder, out, shard=Shard(0, 2))
+    assert not (out / Shard(0, 2).folder).exists()
+
+    both = tmp_path / "both"
+    plan(folder, both)
+    run(run_root, folder, both)  # an unsharded run of the planned list, into the folder the shards share
+    for i in range(2):
+        run(run_root, folder, both, shard=Shard(i, 2))
+    table = (both / "predictions.parquet").read_bytes()
+    with pytest.raises(ValueError, match="results of an unsharded run"):
+        merge(both)
+    assert (both / "predictions.parquet").read_bytes() == table
+
+
+def test_shards_with_nothing_to_classify_end_with_a_summary_and_merge(run_root: Path, tmp_path: Path) -> None:
+    """More shards than images, and a shard whose every file fails: each shard ends with a summary that says why
+    it holds no rows, and merge joins them (even where the images cannot be read any more)."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    keys = write_images(folder, 2)
+    plan(folder, out)
+    summaries = [run(run_root, folder, out, shard=Shard(i, 3), top_k=4) for i in range(3)]
+    assert [s["images_listed"] for s in summaries] == [1, 1, 0]
+    assert summaries[2]["images_classified"] == 0 and "shard 2/3 has no images" in summaries[2]["note"]
+    assert (out / Shard(2, 3).folder / "least_confident.png").is_file()
+    folder.rename(tmp_path / "moved")
+    merged = merge(out)
+    assert merged["images_classified"] == 2 and covered(out) == sorted(keys) and "note" not in merged
+
+    folder, out = tmp_path / "failing", tmp_path / "out-failing"
+    good = write_images(folder, 4)
+    bad = ["a/img_001-bad.jpg", "b/img_003-bad.png"]  # positions 1 and 4 of the sorted six: shard 1 of 3
+    for key in bad:
+        (folder / key).write_bytes(b"not an image")
+    plan(folder, out)
+    summaries = [run(run_root, folder, out, shard=Shard(i, 3)) for i in range(3)]
+    assert summaries[1]["images_classified"] == 0 and summaries[1]["errors"] == 2
+    assert "none of the 2 images could be classified" in summaries[1]["note"]
+    merged = merge(out)
+    assert merged["images_classified"] == 4 and merged["errors"] == 2
+    assert covered(out) == sorted(good + bad)
+
+
+def test_an_empty_folder_ends_with_a_summary(run_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    (tmp_path / "images" / "sub" / "readme.txt").write_text("no images here")
+    summary = run(run_root, tmp_path / "images", tmp_path / "out")
+    assert summary["images_listed"] == summary["images_classified"] == summary["errors"] == 0
+    assert summary["note"].startswith("no images in") and summary["class_counts"] == {}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+    assert (tmp_path / "out" / "least_confident.png").is_file()
+    assert pd.read_parquet(tmp_path / "out" / "predictions.parquet").empty
+
+    assert plan_cli(tmp_path / "images", tmp_path / "sharded") == 0
+    for i in range(2):
+        run(run_root, tmp_path / "images", tmp_path / "sharded", shard=Shard(i, 2))
+    assert merge(tmp_path / "sharded")["note"].startswith("no images in")
 
 
 def test_cli_errors_are_one_line(run_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -246,6 +563,9 @@ def test_cli_errors_are_one_line(run_root: Path, tmp_path: Path, capsys: pytest.
     args = ["--images", str(tmp_path / "images"), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no/run")]
     assert batch_main(args) == 1
     assert "model folder" in capsys.readouterr().err
+    args = ["--images", str(tmp_path / "images"), "--out", str(tmp_path / "o"), "--model", str(run_root)]
+    assert batch_main([*args, "--shard", "1/2"]) == 1
+    assert "python -m lib.batch plan --images" in capsys.readouterr().err
 
 
 def test_s3_prefix(run_root: Path, tmp_path: Path, s3_bucket: str) -> None:
@@ -270,6 +590,35 @@ def test_s3_prefix(run_root: Path, tmp_path: Path, s3_bucket: str) -> None:
     assert pd.read_csv(tmp_path / "s3out" / "errors.csv")["path"].tolist() == ["a/broken.jpg"]
 
 
+def test_s3_manifest_for_shards_that_share_no_folder(run_root: Path, tmp_path: Path, s3_bucket: str) -> None:
+    """Shards on machines without a shared folder read the manifest from S3; merge reads it from where the shards
+    recorded it; a second plan to the same object is refused."""
+    import boto3
+
+    folder = tmp_path / "images"
+    keys = write_images(folder, 7)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=s3_bucket)
+    for key in keys:
+        s3.upload_file(str(folder / key), s3_bucket, f"photos/{key}")
+    images, manifest = f"s3://{s3_bucket}/photos", f"s3://{s3_bucket}/plans/run-1.json"
+    assert plan_cli(images, tmp_path / "plan-here", "--manifest", manifest) == 0
+    assert not (tmp_path / "plan-here" / "manifest.json").exists()
+    s3.upload_file(str(folder / keys[0]), s3_bucket, "photos/a/arrived-late.jpg")
+    for i in range(2):  # each machine its own output folder, gathered afterwards
+        run(run_root, images, tmp_path / f"machine-{i}", shard=Shard(i, 2), manifest=manifest)
+        shutil.copytree(tmp_path / f"machine-{i}" / Shard(i, 2).folder, tmp_path / "out" / Shard(i, 2).folder)
+    settings = json.loads((tmp_path / "out" / Shard(1, 2).folder / "run.json").read_text())
+    stored = s3.get_object(Bucket=s3_bucket, Key="plans/run-1.json")["Body"].read()
+    assert settings["manifest"] == manifest and settings["manifest_sha256"] == hashlib.sha256(stored).hexdigest()
+    merged = merge(tmp_path / "out")
+    assert covered(tmp_path / "out") == sorted(keys) and merged["images_listed"] == 7
+    with pytest.raises(RegistryError, match="already exists"):
+        plan(images, tmp_path / "again", manifest)
+    with pytest.raises(ValueError, match="s3://bucket/path/name.json"):
+        plan(images, tmp_path / "again", f"s3://{s3_bucket}/plans/")
+
+
 def test_latest_published_version(run_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--model latest pulls the newest version of --model-name from --registry, and names it in every row."""
     from test_registry import GATE, make_run
@@ -280,6 +629,9 @@ def test_latest_published_version(run_root: Path, tmp_path: Path, monkeypatch: p
     for sub in ("model", "export"):
         shutil.rmtree(published / sub)
         shutil.copytree(run_root / sub, published / sub)
+    metrics = json.loads((published / "metrics.json").read_text())
+    metrics["served"]["file"] = f"export/{FP32_FILE}"  # the figures describe the file now served
+    (published / "metrics.json").write_text(json.dumps(metrics))
     monkeypatch.setenv("HAR_REGISTRY_CACHE", str(tmp_path / "cache"))
     result = publish(published, str(tmp_path / "registry"), "har-vit-demo", GATE, progress=False)
     write_images(tmp_path / "images", 5)

@@ -1,5 +1,5 @@
-"""lib.bench --quick writes the benchmark JSON (reference alone, student, batch classification, ISA flags); served
-ONNX Runtime sessions never spin; lib.bench.gpu refuses without CUDA, runs --dry-run (distillation and batch
+"""tools.bench --quick writes the benchmark JSON (reference alone, student, batch classification, ISA flags); served
+ONNX Runtime sessions never spin; tools.bench.gpu refuses without CUDA, runs --dry-run (distillation and batch
 classification included) and names what its time budget skipped."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.bench import cpu as bench
-from lib.bench import gpu as gpu_bench
 from lib.params import ROOT
+from tools.bench import cpu as bench
+from tools.bench import gpu as gpu_bench
+from tools.machine import ISA_FLAGS
 
 torch.set_num_threads(1)
 
@@ -35,7 +36,9 @@ REQUIRED = (
 
 @pytest.mark.integration
 def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--quick: tiny model, generated images, every required key with a positive value, a printed table."""
+    """--quick: tiny model with random weights, generated images, every required key with a positive value, each
+    ratio the quotient of the figures it names, int8 served (random weights cannot pass the agreement rule, so the
+    bench serves int8 and times the fp32 ONNX beside it), a printed table."""
     out = tmp_path / "bench"
     assert bench.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
     files = list(out.glob("*.json"))
@@ -45,20 +48,35 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         assert key in result, key
     for key in REQUIRED[:-1]:
         assert isinstance(result[key], float) and result[key] > 0, key
-    assert result["serving_model"] in ("model.int8.onnx", "model.onnx")
+    assert result["serving_model"] == "model.int8.onnx" and result["serving_reason"].startswith("random weights")
     assert result["machine"]["cpu"] and result["machine"]["onnxruntime"]
     assert result["rss"]["serving"]["torch_imported"] is False
     assert result["rss"]["reference"]["torch_imported"] is True
     assert result["rss"]["student"]["torch_imported"] is False
-    assert result["eval"]["images"] >= 16
-    assert {"reference", "ours", "student"} <= set(result["latency"])  # and fp32_onnx when int8 is served
+    assert result["eval"]["images"] == 16  # --quick's default
+    assert set(result["latency"]) == set(result["latency_alone"]) == {"reference", "ours", "student", "fp32_onnx"}
+    assert set(result["rss"]) == {"reference", "serving", "student", "fp32_onnx"}
+    lat, alone, ev, batch = result["latency"], result["latency_alone"], result["eval"], result["batch"]
+    quotients = {
+        "latency_ratio_p50": lat["reference"]["p50_ms"] / lat["ours"]["p50_ms"],
+        "latency_ratio_p50_alone": alone["reference"]["p50_ms"] / alone["ours"]["p50_ms"],
+        "student_latency_ratio_p50": lat["reference"]["p50_ms"] / lat["student"]["p50_ms"],
+        "student_latency_ratio_p50_alone": alone["reference"]["p50_ms"] / alone["student"]["p50_ms"],
+        "eval_throughput_ratio": ev["dataset_logits_images_per_s"] / ev["reference_images_per_s"],
+        "batch_throughput_ratio": batch["served"]["images_per_s"] / ev["reference_images_per_s"],
+    }
+    assert {key: result[key] for key in quotients} == pytest.approx(quotients)
+    assert (result["reference_p50_ms"], result["ours_p50_ms"]) == (lat["reference"]["p50_ms"], lat["ours"]["p50_ms"])
+    assert (result["serving_rss_mib"], result["student_rss_mib"]) == (
+        result["rss"]["serving"]["peak_rss_mib"],
+        result["rss"]["student"]["peak_rss_mib"],
+    )
     assert {name: t["n"] for name, t in result["latency"].items()} == {n: 3 for n in result["latency"]}
     assert {name: t["n"] for name, t in result["latency_alone"].items()} == {n: 3 for n in result["latency"]}
-    assert result["student_layers"] < result["teacher_layers"]
+    assert result["student_layers"] == result["teacher_layers"] // 2  # --quick halves the tiny model
     for kind in ("served", "student"):
-        assert result["batch"][kind]["images"] == result["eval"]["images"] and result["batch"][kind]["errors"] == 0
-    assert result["batch"]["student"]["variant"] == "int8"
-    assert set(result["machine"]["isa"]) == set(bench.ISA_FLAGS)
+        assert (batch[kind]["images"], batch[kind]["errors"], batch[kind]["variant"]) == (16, 0, "int8")
+    assert set(result["machine"]["isa"]) == set(ISA_FLAGS)
     assert list(out.iterdir()) == files  # the temporary work folder is gone
     printed = capsys.readouterr().out
     assert "latency ratio reference/student" in printed and "reference timed alone" in printed

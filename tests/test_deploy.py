@@ -41,12 +41,23 @@ from lib.dashboard.settings import dashboard_params, websocket_max_bytes
 from lib.files import MIB
 from lib.params import ROOT, ParamsError
 
-pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a browser
-
 BOOTSTRAP = ROOT / "deploy" / "bootstrap.sh"
 UNIT = ROOT / "deploy" / "har-dashboard.service"
 RENDER = ROOT / "deploy" / "nginx" / "render.sh"
 USER_DATA = ROOT / "deploy" / "user-data.sh"
+# The longest a page load (kernel start and notebook run) may take on a busy 2-core machine: timeouts that must
+# outlast page loads are built from it, so that a slow machine cannot make them expire early.
+PAGE_LOAD_S = 20
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without any HAR_* variable: a run of the bootstrap that is given nothing."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HAR_")}
+
+
+def run_bootstrap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """deploy/bootstrap.sh with exactly this environment; its output as text."""
+    return subprocess.run(["bash", str(BOOTSTRAP), *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_unit_has_restart_user_network_and_hardening():
@@ -86,7 +97,7 @@ def test_user_data_runs_as_cloud_init_needs():
     bootstrap = next(i for i, line in enumerate(lines) if "deploy/bootstrap.sh" in line and "bash" in line)
     assert install < clone < bootstrap  # Debian 12 images have no git before the bootstrap installs it
     assert "set -euo pipefail" in lines
-    assert text in (ROOT / "README.md").read_text()  # README shows the user data whole, as shipped
+    assert text in (ROOT / "docs" / "deploy.md").read_text()  # the deploy guide shows the user data whole
 
 
 def test_voila_config_file_settings():
@@ -175,6 +186,7 @@ def test_kernel_cap_refuses_politely():
     asyncio.run(scenario())
 
 
+@pytest.mark.integration
 def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
     registry = f"s3://{s3_bucket}/models"
     version = publish_run(shared_run(tmp_path_factory), registry)["version"]
@@ -194,9 +206,11 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
         "HAR_SKIP_PIP": "1",
         "HAR_BOOTSTRAP_NO_SYSTEMD": "1",
         "HAR_PROXY": "none",  # the root test below covers nginx
+        "HAR_NGINX_DIR": str(tmp_path / "nginx"),  # where a site would be: never this host's own
     }
     # First run: every step, nothing started; the second run repeats them (idempotent) and launches Voila.
-    subprocess.run(["bash", str(BOOTSTRAP), "--no-start"], env=env, check=True, timeout=120, capture_output=True)
+    first = run_bootstrap(env, "--no-start")
+    assert first.returncode == 0, first.stderr
     env_file = (tmp_path / "etc" / "har-dashboard.env").read_text()
     model_dir = Path(re.search(r"^HAR_MODEL_DIR=(.*)$", env_file, re.M).group(1)).resolve()  # a link
     assert model_dir.name == version and (model_dir / "model" / "config.json").is_file()
@@ -213,11 +227,17 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
     log = open(tmp_path / "voila.log", "w")
     proc = subprocess.Popen(
         ["bash", str(BOOTSTRAP)],
-        # Culling waits 20 s, longer than three page loads take, so visitor 3 can only get in by an eviction.
+        # Given only where the env file is, the switches of this run and three new settings: every other setting
+        # (registry, paths, port, HAR_MAX_KERNELS=2) comes from the first run. Culling waits longer than three page
+        # loads take, so visitor 3 can only get in by an eviction.
         env={
-            **env,
+            **base_env(),
+            "HAR_ENV_FILE": env["HAR_ENV_FILE"],
+            "HAR_SKIP_APT": "1",
+            "HAR_SKIP_PIP": "1",
+            "HAR_BOOTSTRAP_NO_SYSTEMD": "1",
             "HAR_CONNECT_GRACE_SECONDS": "2",
-            "HAR_UNCONNECTED_SECONDS": "20",
+            "HAR_UNCONNECTED_SECONDS": str(3 * PAGE_LOAD_S),
             "HAR_CULL_INTERVAL_SECONDS": "1",
         },
         stdout=log,
@@ -232,8 +252,10 @@ def test_bootstrap_pulls_from_s3_and_serves(s3_bucket: str, tmp_path: Path, tmp_
         # Visitor 3 is over HAR_MAX_KERNELS=2, but neither page opened a websocket: the longest idle one gives way.
         assert requests.get(url, timeout=60).status_code == 200
         health = requests.get(url + "health", timeout=10).json()
+        assert health["max_kernels"] == 2  # kept from the first run
         assert health["kernels"] <= 2 and health["evicted"] == 1
-        deadline = time.monotonic() + 90  # kernels whose page never connected are culled after HAR_UNCONNECTED_SECONDS
+        # Kernels whose page never connected are culled after HAR_UNCONNECTED_SECONDS.
+        deadline = time.monotonic() + 3 * PAGE_LOAD_S + 60
         while requests.get(url + "health", timeout=10).json()["kernels"] and time.monotonic() < deadline:
             time.sleep(1)
         assert requests.get(url + "health", timeout=10).json()["kernels"] == 0
@@ -376,6 +398,8 @@ def deployed(
         )
         procs.append(subprocess.Popen(["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], stderr=logs))
         wait_for_port(https_port, procs[1], timeout_s=20)
+        # nginx answers 502 until Voila listens: a test that starts at once must not meet that.
+        wait_http(f"http://127.0.0.1:{voila_port}/health", procs[0], timeout=120)
         with requests.Session() as https:
             https.trust_env = False
             https.verify = str(prefix / "nginx" / "har-dashboard" / "selfsigned.crt")  # the one bootstrap made
@@ -403,6 +427,7 @@ def deployed(
 
 
 @needs_root
+@pytest.mark.integration
 def test_bootstrap_as_root_sets_up_user_state_and_proxy(deployed: dict):
     prefix, user, env = deployed["prefix"], deployed["user"], deployed["env"]
     account = pwd.getpwnam(user)
@@ -438,6 +463,7 @@ def test_bootstrap_as_root_sets_up_user_state_and_proxy(deployed: dict):
 
 
 @needs_root
+@pytest.mark.integration
 def test_service_started_as_its_unit_answers_through_nginx(deployed: dict):
     unit, https = deployed["unit"], deployed["https"]
     assert unit["user"] == deployed["user"] and "--Voila.ip=127.0.0.1" in unit["argv"]
@@ -457,13 +483,15 @@ def test_service_started_as_its_unit_answers_through_nginx(deployed: dict):
 
 
 @needs_root
+@pytest.mark.integration
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)")
 def test_model_only_rolls_a_new_version_without_downtime(deployed: dict, tmp_path_factory: pytest.TempPathFactory):
     from playwright.sync_api import sync_playwright
 
     old = deployed["version"]
     new = second_version(shared_run(tmp_path_factory), tmp_path_factory.mktemp("roll"), deployed["registry"])
-    env = {k: v for k, v in deployed["env"].items() if k not in ("HAR_REGISTRY", "HAR_MODEL_NAME")}  # from the env file
+    # Every setting comes from the env file the first run wrote.
+    env = {**base_env(), "HAR_ENV_FILE": deployed["env"]["HAR_ENV_FILE"], "HAR_SKIP_APT": "1"}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(**launch_options())
         context = browser.new_context(
@@ -474,7 +502,7 @@ def test_model_only_rolls_a_new_version_without_downtime(deployed: dict, tmp_pat
         before.goto(deployed["url"])
         assert before.wait_for_selector(".har-model-info").get_attribute("data-version") == old
 
-        done = subprocess.run(["bash", str(BOOTSTRAP), "--model-only"], env=env, capture_output=True, text=True)
+        done = run_bootstrap(env, "--model-only")
         assert done.returncode == 0, done.stderr
         assert (deployed["prefix"] / "state" / "current-model").resolve().name == new
         assert deployed["voila"].poll() is None  # the server was not restarted
@@ -489,3 +517,162 @@ def test_model_only_rolls_a_new_version_without_downtime(deployed: dict, tmp_pat
         card = before.wait_for_selector(".har-results .har-result")
         assert card.get_attribute("data-name") == "after-roll.jpg" and old in card.inner_text()
         browser.close()
+
+
+def site_of(env: dict[str, str]) -> str:
+    """The nginx site the bootstrap wrote."""
+    return (Path(env["HAR_NGINX_DIR"]) / "conf.d" / "har-dashboard.conf").read_text()
+
+
+@needs_root
+@pytest.mark.integration
+def test_a_rerun_given_nothing_keeps_every_setting(
+    s3_server: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+):
+    from test_proxy import self_signed
+
+    registry = f"s3://test-{uuid.uuid4().hex[:16]}/models"
+    first_version = publish_run(shared_run(tmp_path_factory), registry)["version"]
+    prefix = Path(tempfile.mkdtemp(prefix="har-rerun-"))  # outside pytest's root-only folder, as in `deployed`
+    prefix.chmod(0o755)
+    user = f"hartest{uuid.uuid4().hex[:6]}"
+    domain = "har.example.test"
+    # A certificate where certbot keeps Let's Encrypt's: the bootstrap serves it with HSTS and runs no certbot.
+    live = prefix / "letsencrypt" / "live" / domain
+    cert, key = self_signed(live, domain)
+    cert.rename(live / "fullchain.pem")
+    key.rename(live / "privkey.pem")
+    env_file = prefix / "etc" / "har-dashboard.env"
+    switches = {
+        "HAR_ENV_FILE": str(env_file),
+        "HAR_SKIP_APT": "1",
+        "HAR_SKIP_PIP": "1",
+        "HAR_BOOTSTRAP_NO_SYSTEMD": "1",
+    }
+    settings = {
+        "HAR_REGISTRY": registry,
+        "HAR_MODEL_NAME": MODEL_NAME,
+        "HAR_APP_DIR": str(serving_app(request.config)),
+        "HAR_USER": user,
+        "HAR_STATE_DIR": str(prefix / "state"),
+        "HAR_PORT": str(free_port()),
+        "HAR_NGINX_DIR": str(debian_nginx_copy(prefix)),
+        "HAR_ACME_ROOT": str(prefix / "acme"),
+        "HAR_LETSENCRYPT_DIR": str(prefix / "letsencrypt"),
+        "HAR_DOMAIN": domain,
+        "HAR_CERT_EMAIL": "ops@example.test",
+        "HAR_BASIC_AUTH_USER": AUTH[0],
+        "HAR_BASIC_AUTH_PASSWORD": AUTH[1],
+        "HAR_PROXY_ADDR": "127.0.0.1",
+        "HAR_HTTPS_PORT": str(free_port()),
+        "HAR_HTTP_PORT": str(free_port()),
+        # Limits unlike every default, so that a default taking a limit's place shows.
+        "HAR_PROXY_PAGE_RATE": "7r/m",
+        "HAR_PROXY_PAGE_BURST": "3",
+        "HAR_PROXY_MAX_SOCKETS": "2",
+        "HAR_PROXY_MAX_CONNS": "9",
+        "HAR_PROXY_TRUSTED_CIDR": "10.9.0.0/16",
+        "HAR_MAX_UPLOAD_MIB": "7",
+        "HAR_MAX_KERNELS": "5",
+        "HAR_KERNEL_IDLE_SECONDS": "300",
+        "HAR_TOP_K": "3",
+        "HAR_THREADS": "1",
+    }
+    tls_dir = Path(settings["HAR_NGINX_DIR"]) / "har-dashboard"
+    outputs = []
+    try:
+        done = run_bootstrap({**base_env(), **switches, **settings}, "--no-start")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        site, env_text, htpasswd = site_of(settings), env_file.read_text(), (tls_dir / "htpasswd").read_text()
+        assert f"auth_basic_user_file {tls_dir}/htpasswd;" in site
+        assert f"ssl_certificate {live}/fullchain.pem;" in site and "Strict-Transport-Security" in site
+        for line in (
+            "rate=7r/m;",
+            "burst=3 nodelay;",
+            "limit_conn har_socket_conns 2;",
+            "limit_conn har_conns 9;",
+            "set_real_ip_from 10.9.0.0/16;",
+            "client_max_body_size 7168k;",
+        ):
+            assert line in site, line
+
+        # A re-run given nothing but where the env file is: login, certificate, HSTS and every limit stay as they were.
+        done = run_bootstrap({**base_env(), **switches}, "--no-start")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        assert site_of(settings) == site
+        assert env_file.read_text() == env_text
+        assert (tls_dir / "htpasswd").read_text() == htpasswd  # the same password, not a new one
+        assert "kept from" in done.stderr and "HAR_BASIC_AUTH_USER" in done.stderr
+
+        # A setting given anew replaces the kept one; the rest stay.
+        done = run_bootstrap({**base_env(), **switches, "HAR_MAX_KERNELS": "4"}, "--no-start")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        assert "HAR_MAX_KERNELS=4\n" in env_file.read_text() and "HAR_TOP_K=3\n" in env_file.read_text()
+        assert site_of(settings) == site
+
+        # A pinned version stays pinned: a later run given nothing does not move to the newest version.
+        second_version(shared_run(tmp_path_factory), tmp_path_factory.mktemp("pin"), registry)
+        current = prefix / "state" / "current-model"
+        done = run_bootstrap({**base_env(), **switches, "HAR_MODEL_VERSION": first_version}, "--model-only")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        done = run_bootstrap({**base_env(), **switches}, "--no-start")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        assert current.resolve().name == first_version
+
+        # An env file that records no login (written before settings were kept, or edited) does not open the site.
+        kept = env_file.read_text()
+        env_file.write_text("".join(line for line in kept.splitlines(True) if "BASIC_AUTH" not in line))
+        done = run_bootstrap({**base_env(), **switches}, "--no-start")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 2 and "--no-login" in done.stderr
+        assert site_of(settings) == site
+        env_file.write_text(kept)
+        # Nor does HAR_PROXY=none without its flag.
+        done = run_bootstrap({**base_env(), **switches, "HAR_PROXY": "none"}, "--no-start")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 2 and "--no-proxy" in done.stderr
+        assert site_of(settings) == site
+
+        # Login and TLS go off only by their flags, which say so; each stays off on later runs.
+        done = run_bootstrap({**base_env(), **switches}, "--no-start", "--no-login")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        assert "login is turned OFF" in done.stderr
+        open_site = site_of(settings)
+        assert "auth_basic off;" in open_site and "auth_basic_user_file" not in open_site
+        assert "Strict-Transport-Security" in open_site and "rate=7r/m;" in open_site
+        done = run_bootstrap({**base_env(), **switches}, "--no-start", "--self-signed")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        assert "HSTS" in done.stderr and "self-signed" in done.stderr
+        plain = site_of(settings)
+        assert f"ssl_certificate {tls_dir}/selfsigned.crt;" in plain and "Strict-Transport-Security" not in plain
+        done = run_bootstrap({**base_env(), **switches}, "--no-start")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        assert site_of(settings) == plain
+        # A new name gets its own self-signed certificate, not the old name's.
+        done = run_bootstrap({**base_env(), **switches, "HAR_DOMAIN": "other.example.test"}, "--no-start")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr
+        subject = subprocess.run(
+            ["openssl", "x509", "-noout", "-subject", "-in", str(tls_dir / "selfsigned.crt")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "other.example.test" in subject and "server_name other.example.test;" in site_of(settings)
+        check = subprocess.run(
+            ["nginx", "-t", "-c", str(prefix / "nginx" / "nginx.conf")], capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stderr
+        for text in outputs + [env_file.read_text()]:
+            assert AUTH[1] not in text and os.environ["AWS_SECRET_ACCESS_KEY"] not in text
+    finally:
+        subprocess.run(["userdel", user], capture_output=True)
+        shutil.rmtree(prefix, ignore_errors=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lib.distill import build_student, distillation_loss, kept_blocks
-from lib.export import FP32_FILE, INT8_FILE, choose_variant, export_table, gate_verdicts
+from lib.export import FP32_FILE, INT8_FILE, choose_variant, export_table, gate_verdicts, run_export
 from lib.model import encoder_layers
 from lib.params import ExportParams, ModelParams, Params, TrainParams
 from lib.train import soft_cross_entropy
@@ -173,7 +173,7 @@ def variants(**over: dict) -> dict:
         "student_fp32": row("student/model.onnx", 2, "fp32", 0.97, 0.004),
         "student_int8": row("student/model.int8.onnx", 2, "int8", 0.96, 0.005),
     }
-    return {"test_images": 200, "variants": {k: {**v, **over.get(k, {})} for k, v in rows.items()}}
+    return {"split": "validation", "images": 200, "variants": {k: {**v, **over.get(k, {})} for k, v in rows.items()}}
 
 
 EP = ExportParams(min_agreement=0.99, min_student_agreement=0.95, max_accuracy_drop=0.005, student_layers=2)
@@ -203,17 +203,20 @@ def test_the_gate_serves_the_cheapest_passing_variant(over: dict, file: str, var
 
 
 def test_the_gate_falls_back_to_the_teacher_and_says_why() -> None:
-    """No variant passes: fp32 teacher, and the reason names every failed variant; NaN figures (an empty test split)
-    never pass; without int8 and student the teacher's fp32 file is all there is."""
+    """No variant passes: fp32 teacher, and the reason names every failed variant and the split; NaN figures (an
+    empty validation split) never pass; without int8 and student the teacher's fp32 file is all there is."""
     failing = {"student_int8": {"agreement": 0.9}, "student_fp32": {"accuracy_drop": 0.05}, "int8": {"agreement": 0.9}}
     file, variant, reason = choose_variant(variants(**failing), EP)
     assert (file, variant) == (FP32_FILE, "fp32")
+    assert reason.startswith("no variant passes the gate on the validation split")
     assert "student_int8: top-1 agreement 0.9000 < 0.95" in reason and "student_fp32: accuracy drop 0.0500" in reason
     assert "int8: top-1 agreement 0.9000 < 0.99" in reason
     nan = {
         k: {"agreement": float("nan"), "accuracy_drop": float("nan")} for k in ("int8", "student_fp32", "student_int8")
     }
     assert choose_variant(variants(**nan), EP)[:2] == (FP32_FILE, "fp32")
+    reasons = {v["reason"] for v in gate_verdicts(variants(**nan), EP)}
+    assert reasons == {"could not be checked (empty validation split)"}
     alone = {"variants": {k: v for k, v in variants()["variants"].items() if k in ("torch", "fp32")}}
     assert choose_variant(alone, EP)[:2] == (FP32_FILE, "fp32")
 
@@ -316,40 +319,83 @@ def test_distillation_reduces_the_kl_divergence_to_the_teacher(tmp_path: Path) -
     assert not (student_dir(root) / "checkpoints").exists()  # the best checkpoint is saved as model/, the rest gone
 
 
+def onnx_logits(path: Path, root: Path, ds) -> np.ndarray:
+    """An ONNX file's raw logits on a split, through the serving predictor's preprocessing."""
+    from lib.predict import Predictor, onnx_runner, onnx_session
+    from lib.transforms import load_spec
+
+    pred = Predictor(onnx_runner(onnx_session(path, 1)), LABELS, load_spec(root / "model"), 1.0, "onnx", str(path))
+    return pred.logits(list(ds["image"]))
+
+
+def forced(check: dict, **figures: dict) -> dict:
+    """A copy of a check whose gated variants get the given figures (agreement, accuracy_drop)."""
+    return {**check, "variants": {k: {**v, **figures.get(k, {})} for k, v in check["variants"].items()}}
+
+
 @pytest.mark.integration
 def test_the_export_stage_distils_exports_and_gates_the_student(tmp_path: Path) -> None:
-    """run_export with export.student_layers: the student's files under export/student/, its rows in metrics.json
-    (size, latency, agreement, accuracy, drop), the gate's verdicts in serving.json, the served file the gate's
-    choice, the predictor serving it; and a rerun without a student removes the old one."""
-    from lib.export import run_export
+    """run_export with export.student_layers: the student's files under export/student/, smaller than the teacher's;
+    its rows in metrics.json measured on the validation split against the teacher; then checks built so that only
+    the student passes, and so that nothing does: the served file, serving.json, metrics.json["served"] (that file's
+    test figures) and the predictor follow; and a rerun without a student removes the old one."""
+    from datasets import load_from_disk
+
+    import lib.export as E
+    from lib.model import load_model
     from lib.predict import load_predictor
 
     root = run_folder(tmp_path, layers=3)
     ep = {"student_layers": 1, "distill_epochs": 1, "distill_max_steps": 2, "min_student_agreement": 0.6}
-    result = run_export(params(**ep), root)
+    p = params(**ep)
+    result = run_export(p, root)
     student = root / "export" / "student"
     assert {p.name for p in student.iterdir()} >= {"model", "model.onnx", "model.int8.onnx", "model.standard.onnx"}
     metrics = json.loads((root / "metrics.json").read_text())
     rows = metrics["export"]["variants"]
     assert set(rows) == {"torch", "standard", "fp32", "int8", "student_fp32", "student_int8"}
+    export = root / "export"
+    assert (student / FP32_FILE).stat().st_size < (export / FP32_FILE).stat().st_size  # 1 block of 3
+    assert (student / INT8_FILE).stat().st_size < (student / FP32_FILE).stat().st_size
+    splits = load_from_disk(str(root / "data"))
+    val, test = splits["validation"], splits["test"]
+    teacher = split_logits(load_model(root / "model"), val, root).argmax(1)
     for name, file in (("student_fp32", "student/model.onnx"), ("student_int8", "student/model.int8.onnx")):
         r = rows[name]
-        assert r["file"] == file and r["layers"] == 1 and r["size_mib"] >= 0 and r["latency_ms"] > 0
-        assert 0 <= r["agreement"] <= 1 and r["accuracy_drop"] == pytest.approx(
-            rows["torch"]["accuracy"] - r["accuracy"]
-        )
+        assert r["file"] == file and r["layers"] == 1 and r["latency_ms"] > 0
+        own = onnx_logits(export / file, root, val).argmax(1)
+        assert r["agreement"] == pytest.approx(float(np.mean(own == teacher))), name
+        assert r["accuracy"] == pytest.approx(float(np.mean(own == np.asarray(val["label"])))), name
+        assert r["accuracy_drop"] == pytest.approx(rows["torch"]["accuracy"] - r["accuracy"])
     assert rows["fp32"]["layers"] == 3 and rows["student_fp32"]["agreement_pytorch"] == 1.0
     assert metrics["export"]["student"]["distillation"]["global_steps"] == 2
-    serving = json.loads((root / "export" / "serving.json").read_text())
-    file, variant, reason = choose_variant(result, params(**ep).export)
-    assert (serving["file"], serving["variant"], serving["reason"]) == (file, variant, reason)
+    serving = json.loads((export / "serving.json").read_text())
     assert [v["variant"] for v in serving["gate"]] == ["student_int8", "student_fp32", "int8"]
     assert serving["files"]["student_int8"] == "student/model.int8.onnx"
-    assert metrics["served"]["variant"] == variant and metrics["served"]["reason"] == reason
-    assert Path(load_predictor(root, threads=1).model_file) == root / "export" / file
     table = export_table(result)
     assert list(table.index[-2:]) == ["student_fp32", "student_int8"] and int(table["serving"].sum()) == 1
-    assert table.loc["student_int8", "gate"] in ("passes", "fails") and table.loc["torch", "gate"] == ""
+    verdicts = {v["variant"]: "passes" if v["passed"] else "fails" for v in serving["gate"]}
+    assert table["gate"].to_dict() == {v: verdicts.get(v, "") for v in table.index}
+
+    check = {k: result[k] for k in ("split", "images", "variants")}
+    info = {k: v for k, v in result.items() if k not in (*check, "student", "serving")}
+    low = {"agreement": 0.5, "accuracy_drop": 0.2}
+    only_student = forced(
+        check, int8=low, student_int8=low, student_fp32={"agreement": 0.7, "accuracy_drop": 0.0}
+    )  # 0.7 passes the student's bar (0.6), not the teacher's int8 one (0.99)
+    nothing = forced(check, int8=low, student_int8=low, student_fp32=low)
+    for built, file, variant in ((only_student, "student/model.onnx", "student_fp32"), (nothing, FP32_FILE, "fp32")):
+        chosen_file, chosen, reason = choose_variant(built, p.export)
+        assert (chosen_file, chosen) == (file, variant)
+        served = E.report_served(root / "model", export / file, val, onnx_logits(export / file, root, val), test, p)
+        E.write_results(root, info, built, file, reason, served, p.export, result["student"])
+        serving = json.loads((export / "serving.json").read_text())
+        metrics = json.loads((root / "metrics.json").read_text())
+        assert (serving["file"], serving["variant"], serving["reason"]) == (file, variant, reason)
+        assert (metrics["served"]["file"], metrics["served"]["variant"]) == (f"export/{file}", variant)
+        expected = float(np.mean(onnx_logits(export / file, root, test).argmax(1) == np.asarray(test["label"])))
+        assert metrics["served"]["accuracy"] == serving["test_accuracy"] == pytest.approx(expected)
+        assert Path(load_predictor(root, threads=1).model_file) == export / file
 
     run_export(params(), root)
     assert not student.exists()
@@ -387,7 +433,7 @@ def test_card_and_dashboard_say_which_variant_is_served_and_why() -> None:
 def test_the_rehearsal_distils_for_a_few_steps_only() -> None:
     """har_vit.yaml's student runs in the rehearsal, shortened like training: a few steps on the CPU, an epoch on a
     GPU, and a length given with --set wins."""
-    from lib.rehearsal.runner import CPU_DISTILL_STEPS, OVERRIDABLE, PROFILE, check_overrides, with_length
+    from tools.rehearsal.runner import CPU_DISTILL_STEPS, OVERRIDABLE, PROFILE, check_overrides, with_length
 
     assert "export.distill_max_steps" in OVERRIDABLE
     cpu = with_length(PROFILE, "cpu", 115, {"train.batch_size": 16})

@@ -1,11 +1,12 @@
-"""Export stage end to end on a tiny model: ONNX files (standard ops and ORT-fused), int8, checks, serving rule,
-metrics.json."""
+"""Export stage end to end on a tiny model: ONNX files (standard ops and ORT-fused), int8 (dynamic and static),
+checks on the validation split, the serving rule, the chosen file measured once on the test split, metrics.json."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import lib.export as E
 from lib.export import (
     FP32_FILE,
     INT8_FILE,
@@ -28,9 +30,10 @@ from lib.export import (
 from lib.model import build_model, save_model, save_temperature
 from lib.params import ExportParams, ModelParams, Params
 from lib.pipeline import require_stage
-from lib.predict import load_predictor, onnx_session
+from lib.predict import Predictor, load_predictor, onnx_runner, onnx_session
 
 LABELS = [f"action_{i:02d}" for i in range(15)]
+SIZES = {"train": 17, "validation": 22, "test": 30}  # distinct: a split is recognised by its size
 
 torch.set_num_threads(1)
 
@@ -55,12 +58,12 @@ def tiny_split(n: int, seed: int) -> Dataset:  # noqa: F821
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A completed run folder (prepare, train, evaluate outputs) with the export stage run on it."""
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A completed run folder as evaluate leaves it (prepare, train, evaluate outputs), not exported."""
     from datasets import DatasetDict
 
-    root = tmp_path_factory.mktemp("run")
-    DatasetDict({"train": tiny_split(17, 0), "validation": tiny_split(22, 1), "test": tiny_split(30, 2)}).save_to_disk(
+    root = tmp_path_factory.mktemp("evaluated")
+    DatasetDict({name: tiny_split(n, seed) for seed, (name, n) in enumerate(SIZES.items())}).save_to_disk(
         str(root / "data")
     )
     (root / "data" / "summary.json").write_text("{}")
@@ -71,6 +74,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     (root / "metrics.json").write_text(json.dumps({"accuracy": 0.1, "f1_weighted": 0.1}))
     (root / "confusion_matrix.png").write_bytes(b"")
     require_stage(root, "evaluate")
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(evaluated: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The evaluated run folder, copied, with the export stage run on it."""
+    root = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(evaluated, root)
     return root, run_export(Params(), root)
 
 
@@ -100,16 +111,84 @@ def test_metrics_json_keeps_other_keys(exported: tuple[Path, dict]) -> None:
         assert variants[fp]["max_abs_logit_diff"] < 1e-3
     assert 0.0 <= variants["int8"]["agreement"] <= 1.0
     assert variants["int8"]["size_mib"] < variants["fp32"]["size_mib"]
-    assert metrics["export"]["test_images"] == 30
+    assert (metrics["export"]["split"], metrics["export"]["images"]) == ("validation", SIZES["validation"])
     assert all(v["latency_ms"] > 0 for v in variants.values())
 
 
-def test_serving_follows_the_rule(exported: tuple[Path, dict]) -> None:
-    """The stored choice is what choose_serving says for the measured int8 figures."""
-    _, result = exported
-    int8 = result["variants"]["int8"]
-    file, _ = choose_serving(int8["agreement"], int8["accuracy_drop"], 0.99, 0.005)
-    assert result["serving"]["file"] == file
+def test_the_checks_are_measured_on_validation(exported: tuple[Path, dict]) -> None:
+    """Every variant's agreement and accuracy in metrics.json["export"] are its figures on the validation images,
+    recomputed here from the files themselves."""
+    from datasets import load_from_disk
+
+    from lib.model import load_model
+    from lib.predict import dataset_logits
+    from lib.transforms import load_spec
+
+    root, result = exported
+    val = load_from_disk(str(root / "data"))["validation"]
+    y = np.asarray(val["label"])
+    spec = load_spec(root / "model")
+    ref = dataset_logits(load_model(root / "model"), val, spec, batch_size=8, device="cpu", precision="fp32")
+    assert result["variants"]["torch"]["accuracy"] == pytest.approx(float(np.mean(ref.argmax(1) == y)))
+    for variant, name in (("fp32", FP32_FILE), ("int8", INT8_FILE)):
+        pred = Predictor(onnx_runner(onnx_session(root / "export" / name, 1)), LABELS, spec, 1.0, "onnx", name)
+        logits = pred.logits(list(val["image"]))
+        row = result["variants"][variant]
+        assert row["agreement"] == pytest.approx(float(np.mean(logits.argmax(1) == ref.argmax(1)))), variant
+        assert row["accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == y))), variant
+
+
+def split_named_by_size(ds) -> str:
+    return next(name for name, n in SIZES.items() if n == len(ds))
+
+
+@pytest.mark.parametrize(
+    ("int8_passes_on", "served"),
+    [("validation", INT8_FILE), ("test", FP32_FILE)],
+)
+def test_the_choice_follows_validation_and_test_is_measured_once_after_it(
+    evaluated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, int8_passes_on: str, served: str
+) -> None:
+    """The int8 file's check figures are made to pass the gate on one split and fail it on the other: the served file
+    is the one the validation figures choose; no file is checked on the test split; the chosen file's test figures
+    are measured once, after the choice, and reported as served (metrics.json, serving.json)."""
+    from datasets import load_from_disk
+
+    from lib.metrics import classification_metrics
+
+    root = tmp_path / "run"
+    shutil.copytree(evaluated, root)
+    real_check = E.check_exports
+    checked = []
+
+    def check_with_int8_figures(model_dir, export_dir, ds, *args, **kwargs):
+        check, logits = real_check(model_dir, export_dir, ds, *args, **kwargs)
+        split = split_named_by_size(ds)
+        checked.append(split)
+        good = split == int8_passes_on
+        check["variants"]["int8"] |= {"agreement": 1.0 if good else 0.5, "accuracy_drop": 0.0 if good else 0.2}
+        return check, logits
+
+    monkeypatch.setattr(E, "check_exports", check_with_int8_figures)
+    result = run_export(Params(), root)
+    assert checked == ["validation"]
+    serving = json.loads((root / "export" / "serving.json").read_text())
+    assert serving["file"] == served and serving["decided_on"] == "validation"
+    assert "on the validation split" in serving["reason"]
+    assert serving["agreement"] == result["variants"]["int8" if served == INT8_FILE else "fp32"]["agreement"]
+    assert serving["validation_images"] == SIZES["validation"] and serving["reported_on"] == "test"
+
+    test = load_from_disk(str(root / "data"))["test"]
+    y = np.asarray(test["label"])
+    pred = load_predictor(root, threads=1)
+    assert Path(pred.model_file).name == served
+    figures = classification_metrics(y, pred.logits(list(test["image"])).argmax(1), LABELS)
+    metrics = json.loads((root / "metrics.json").read_text())
+    for key in ("accuracy", "f1_weighted", "f1_macro"):
+        assert metrics["served"][key] == pytest.approx(figures[key]), key
+        assert serving[f"test_{key}"] == metrics["served"][key], key
+    assert (metrics["served"]["decided_on"], metrics["served"]["reported_on"]) == ("validation", "test")
+    assert metrics["served"]["test_images"] == serving["test_images"] == SIZES["test"]
 
 
 def test_attention_is_fused_and_int8_keeps_norms_in_float(exported: tuple[Path, dict]) -> None:
@@ -200,7 +279,7 @@ def test_served_file_is_calibrated_on_its_own_logits(exported: tuple[Path, dict]
     assert served["ece"] == pytest.approx(
         expected_calibration_error(softmax(test_logits, pred.temperature), y), abs=1e-6
     )
-    assert (served["test_images"], served["validation_images"]) == (30, 22)
+    assert (served["test_images"], served["validation_images"]) == (SIZES["test"], SIZES["validation"])
 
 
 def test_table(exported: tuple[Path, dict]) -> None:
@@ -221,22 +300,48 @@ def test_variants_figure(exported: tuple[Path, dict]) -> None:
     assert [len(ax.patches) for ax in fig.axes] == [4, 4, 4]
 
 
-def test_choose_variant_is_the_stored_choice(exported: tuple[Path, dict]) -> None:
-    """The notebook's choice step gives what run_export stored, and fp32 when there is no int8 file."""
+def test_static_int8_differs_from_dynamic_and_agrees_with_pytorch(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    """export.quantize static: a QDQ file calibrated on validation images, another file than the dynamic one, whose
+    top-1 class agrees with PyTorch on the validation split as the gate asks of an int8 file."""
+    from datasets import load_from_disk
+
+    from lib.transforms import load_spec
+
+    root, dynamic = exported
+    val = load_from_disk(str(root / "data"))["validation"]
+    pixels = E.calibration_pixels(val, load_spec(root / "model"))
+    assert len(pixels) == SIZES["validation"]
+    info = E.export_model(root / "model", tmp_path, quantize="static", calibration=pixels)
+    assert info["quantize"] == "static" and info["files"]["int8"] == INT8_FILE
+    static_file = tmp_path / INT8_FILE
+    assert static_file.read_bytes() != (root / "export" / INT8_FILE).read_bytes()
+    ops = {n.op_type for n in onnx.load(str(static_file)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "DynamicQuantizeLinear" not in ops
+    assert not (tmp_path / "model.static-src.onnx").exists()  # the unfused source is removed
+    check, _ = E.check_exports(root / "model", tmp_path, val, batch_size=8, threads=1)
+    int8 = check["variants"]["int8"]
+    assert int8["size_mib"] < check["variants"]["fp32"]["size_mib"]
+    ep = ExportParams(quantize="static")
+    verdict = next(v for v in E.gate_verdicts(check, ep) if v["variant"] == "int8")
+    assert int8["agreement"] >= ep.min_agreement and verdict["passed"], verdict
+    assert choose_variant(check, ep)[:2] == (INT8_FILE, "int8")
+    with pytest.raises(ValueError, match="calibration images"):
+        E.export_model(root / "model", tmp_path / "none", quantize="static", calibration=None)
+
+
+def test_without_int8_the_teacher_fp32_is_served(exported: tuple[Path, dict]) -> None:
+    """No int8 file (quantize none) and no student: nothing is gated, the teacher's fp32 file is served."""
     _, result = exported
-    file, variant, reason = choose_variant(result, ExportParams())
-    assert (file, reason) == (result["serving"]["file"], result["serving"]["reason"])
-    assert variant == ("int8" if file == INT8_FILE else "fp32")
     no_int8 = {**result, "variants": {k: v for k, v in result["variants"].items() if k != "int8"}}
     assert choose_variant(no_int8, ExportParams())[:2] == (FP32_FILE, "fp32")
 
 
 def test_fp32_files_must_agree_with_pytorch() -> None:
-    """An fp32 file below min_agreement stops the stage; an empty test split has nothing to check."""
+    """An fp32 file below min_agreement stops the stage; an empty split has nothing to check."""
     rows = {"standard": {"file": STANDARD_FILE, "agreement": 1.0}, "fp32": {"file": FP32_FILE, "agreement": 0.9}}
-    with pytest.raises(RuntimeError, match="fp32 ONNX export"):
-        require_fp32_agreement({"test_images": 10, "variants": rows}, 0.99)
-    require_fp32_agreement({"test_images": 0, "variants": rows}, 0.99)
+    with pytest.raises(RuntimeError, match="fp32 ONNX export .* on the validation split"):
+        require_fp32_agreement({"split": "validation", "images": 10, "variants": rows}, 0.99)
+    require_fp32_agreement({"split": "validation", "images": 0, "variants": rows}, 0.99)
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from lib import model as M
 from lib import train as T
 from lib.labels import HAR_CLASSES
 from lib.params import Params
-from lib.rehearsal.hub_cache import IMAGENET_MEAN, IMAGENET_STD, write_snapshot
 from lib.transforms import eval_batch, load_spec
+from tools.hub_cache import IMAGENET_MEAN, IMAGENET_STD, write_snapshot
 
 pytestmark = pytest.mark.integration  # seven tiny trainings and exports, about a minute
 

@@ -9,7 +9,7 @@ import pytest
 
 from lib.labels import HAR_CLASSES
 from lib.params import ROOT, load_params
-from lib.rehearsal.hub_cache import HUB_DATASET_ID, HUB_MODEL_ID, write_dataset_cache, write_model_cache
+from tools.hub_cache import HUB_DATASET_ID, HUB_MODEL_ID, write_dataset_cache, write_model_cache
 
 pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a browser
 

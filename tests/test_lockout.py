@@ -10,10 +10,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import psutil
 import pytest
@@ -34,6 +36,19 @@ from lib.files import MIB
 from lib.params import ROOT
 
 GRACE, IDLE = 10, 60
+
+
+class Clock:
+    """A wall clock for CappedKernelManager that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def rec(kid: str, idle_s: float, state: str = "idle", connections: int = 0, ever: bool = False) -> KernelRecord:
@@ -81,6 +96,7 @@ class FakeKernel(SimpleNamespace):
 def manager(cap: int, wait: int = 0) -> CappedKernelManager:
     """A CappedKernelManager whose kernels are records only: start and shutdown touch no process."""
     km = CappedKernelManager(max_kernels=cap, admission_wait=wait, connect_grace=GRACE, idle_evict=IDLE)
+    km.clock = Clock()  # idle times are what the test says, however slowly the test runs
     km.shut: list[str] = []
 
     async def shutdown_kernel(kernel_id: str, now: bool = False, restart: bool = False) -> None:
@@ -93,7 +109,7 @@ def manager(cap: int, wait: int = 0) -> CappedKernelManager:
 
 def add_kernel(km: CappedKernelManager, kid: str, idle_s: float, state: str = "idle") -> None:
     km._kernels[kid] = FakeKernel(
-        last_activity=datetime.now(UTC) - timedelta(seconds=idle_s),
+        last_activity=datetime.fromtimestamp(km.clock() - idle_s, UTC),
         execution_state=state,
         kernel_spec=SimpleNamespace(metadata={}),
         kernel_name="har-vit",
@@ -142,24 +158,38 @@ def test_a_websocket_closing_restarts_the_idle_clock():
     km = manager(cap=1)
     add_kernel(km, "tab", 3 * IDLE)  # its last kernel message was long ago ...
     km.notify_connect("tab")
+    km.clock.advance(IDLE / 2)
     km.notify_disconnect("tab")  # ... but the tab closed just now
-    assert km.kernel_record("tab").idle_s < 5
+    km.clock.advance(IDLE - 1)
+    assert km.kernel_record("tab").idle_s == IDLE - 1
     with pytest.raises(web.HTTPError):
         admit(km)
+    km.clock.advance(2)  # idle past the limit since the tab closed: it gives way
+    admit(km)
+    assert km.shut == ["tab"]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the event loop run until condition holds (each step waits on the loop, never on a duration)."""
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 def test_the_newest_waiting_request_gets_the_freed_kernel():
-    km = manager(cap=1, wait=5)
+    km = manager(cap=1, wait=3600)  # no deadline expires in this test: only the order of events decides
     add_kernel(km, "rendering", 0, state="busy")
 
     async def scenario() -> list:
         first = asyncio.ensure_future(km._admit())
-        await asyncio.sleep(0.3)
+        await until(lambda: km._waiting is not None)
+        first_ticket = km._waiting
         second = asyncio.ensure_future(km._admit())
-        await asyncio.sleep(0.3)
+        await until(lambda: km._waiting not in (None, first_ticket))
+        (refused,) = await asyncio.gather(first, return_exceptions=True)  # the older request gives its place up
+        assert not second.done()
         km._kernels["rendering"].execution_state = "idle"
-        km._kernels["rendering"].last_activity -= timedelta(seconds=GRACE + 1)  # rendered; no websocket came
-        return await asyncio.gather(first, second, return_exceptions=True)
+        km.clock.advance(GRACE + 1)  # rendered; no websocket came
+        return [refused, await second]
 
     first, second = asyncio.run(scenario())
     assert isinstance(first, web.HTTPError) and first.status_code == 503  # gave its place to the newer request
@@ -185,6 +215,26 @@ def test_never_connected_kernels_are_culled_after_the_short_timeout():
     for kid in ("bare-old", "bare-young", "tab"):
         asyncio.run(km.cull_kernel_if_idle(kid))
     assert km.shut == ["bare-old"]  # the open tab waits for HAR_KERNEL_IDLE_SECONDS (600)
+
+
+def test_removing_a_kernel_closes_its_websockets(monkeypatch: pytest.MonkeyPatch):
+    from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
+
+    closed = []
+    handler = SimpleNamespace
+    sessions = {
+        "gone:tab-1": handler(close=lambda: closed.append("gone:tab-1")),
+        "gone:tab-2": handler(close=lambda: closed.append("gone:tab-2")),
+        "kept:tab-3": handler(close=lambda: closed.append("kept:tab-3")),
+    }
+    monkeypatch.setattr(ZMQChannelsWebsocketConnection, "_open_sessions", sessions)
+    km = manager(cap=2)
+    add_kernel(km, "gone", 3 * IDLE)
+    add_kernel(km, "kept", 0)
+    admit(km)  # at the cap: "gone" is evicted, and its pages learn it at once
+    assert km.shut == ["gone"] and sorted(closed) == ["gone:tab-1", "gone:tab-2"]
+    km.notify_disconnect("gone")  # what each closed websocket reports afterwards
+    assert "gone" not in km._ws_events  # a removed kernel leaves nothing behind
 
 
 # --------------------------------------------------------------------------- websocket cap and OOM priority
@@ -229,8 +279,8 @@ def test_unit_ranks_the_server_below_its_kernels_for_the_oom_killer():
 
 @pytest.fixture(scope="module")
 def lockout_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Voila with a tiny published model, a cap of 2 kernels, a 2 s websocket grace, tabs evictable after 5 s idle
-    and a 1 MiB upload cap."""
+    """Voila with a tiny published model, a cap of 2 kernels, a 2 s websocket grace, tabs evictable after 5 s idle,
+    no culling of pages that never connected, and a 1 MiB upload cap."""
     from test_dashboard import MODEL_NAME, free_port, publish_run, shared_run, stop, voila_command
 
     tmp = tmp_path_factory.mktemp("lockout")
@@ -245,6 +295,8 @@ def lockout_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "HAR_CONNECT_GRACE_SECONDS": "2",
         "HAR_IDLE_EVICT_SECONDS": "5",
         "HAR_ADMISSION_WAIT_SECONDS": "30",
+        # Culling never takes part here (however slow the page loads): only eviction makes room.
+        "HAR_UNCONNECTED_SECONDS": "3600",
         "HAR_MAX_UPLOAD_MIB": "1",
         "HAR_THREADS": "1",
     }
@@ -370,3 +422,85 @@ def test_a_websocket_message_over_the_upload_cap_is_refused(lockout_server: dict
     cap = 1 * MIB + WEBSOCKET_HEADROOM  # HAR_MAX_UPLOAD_MIB=1 in this server
     # 1009 "message too big", or closed before the client finished writing: refused, not buffered either way
     assert asyncio.run(send(cap + 64 * 1024)) in (1009, "closed while sending")
+
+
+def shut_down_kernel(url: str, kernel_id: str) -> None:
+    """Shut a kernel down through the server's REST API, as an eviction or a cull would (double-submit XSRF)."""
+    token = uuid.uuid4().hex
+    resp = requests.delete(
+        f"{url}api/kernels/{kernel_id}", headers={"X-XSRFToken": token}, cookies={"_xsrf": token}, timeout=30
+    )
+    assert resp.status_code == 204, resp.status_code
+
+
+def raw_repr_shown(page: Any) -> bool:
+    """True while the widget's plain-text form (a Python repr) is visible anywhere on the page."""
+    return "VBox(children=" in page.evaluate("document.body.innerText")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)")
+def test_a_page_whose_kernel_is_gone_says_so_and_tries_again(lockout_server: dict):
+    from playwright.sync_api import sync_playwright
+
+    url, gone = lockout_server["url"], []
+
+    def kernel_gone_once(route: Any) -> None:
+        """The first page's kernel is shut down between the page's render and its first call to the kernel."""
+        kernel_id = route.request.url.split("/api/kernels/")[1].split("?")[0].split("/")[0]
+        if not gone:
+            gone.append(kernel_id)
+            shut_down_kernel(url, kernel_id)
+        route.continue_()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(**launch_options())
+        page = browser.new_page()
+        page.set_default_timeout(90_000)
+        page.route("**/api/kernels/*", kernel_gone_once)
+        page.goto(url)
+        notice = page.wait_for_selector('.har-connection[data-state="retry"]')
+        assert "could not connect" in notice.inner_text() and not raw_repr_shown(page)
+        info = page.wait_for_selector(".har-model-info")  # the page loaded itself again, with a new kernel
+        assert info.is_visible() and not raw_repr_shown(page) and len(gone) == 1
+        browser.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)")
+def test_a_page_that_never_reaches_a_kernel_stops_trying_and_says_so(lockout_server: dict):
+    from playwright.sync_api import sync_playwright
+
+    loads = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(**launch_options())
+        page = browser.new_page()
+        page.set_default_timeout(90_000)
+        page.on("load", lambda _: loads.append(1))
+        # Every kernel is out of reach: the server's answer for a kernel that does not exist.
+        page.route("**/api/kernels/*", lambda route: route.fulfill(status=404, body='{"message": "no kernel"}'))
+        page.goto(lockout_server["url"])
+        notice = page.wait_for_selector('.har-connection[data-state="failed"]')
+        assert "reload the page" in notice.inner_text() and notice.query_selector("button.har-reload")
+        assert not raw_repr_shown(page) and not page.query_selector(".har-model-info")
+        assert len(loads) == 3  # the first load and two more, then it stops
+        browser.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing (apt-get install -y chromium)")
+def test_a_tab_whose_kernel_is_shut_down_says_so(lockout_server: dict):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(**launch_options())
+        page = browser.new_page()
+        page.set_default_timeout(90_000)
+        page.goto(lockout_server["url"])
+        page.wait_for_selector(".har-model-info")
+        assert not page.query_selector(".har-connection")
+        # As an eviction or a cull does it: the page must not go on showing a dashboard that no longer answers.
+        shut_down_kernel(lockout_server["url"], page.evaluate("window.jupyterapp.widgetManager.kernel.id"))
+        notice = page.wait_for_selector('.har-connection[data-state="lost"]')
+        assert "Reload the page" in notice.inner_text() and notice.query_selector("button.har-reload")
+        browser.close()

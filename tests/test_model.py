@@ -105,15 +105,31 @@ def test_soft_cross_entropy_matches_torch_with_label_smoothing():
     torch.testing.assert_close(T.soft_cross_entropy(logits, soft), torch.nn.functional.cross_entropy(logits, y))
 
 
-@pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0)])
-def test_mix_batch_makes_soft_labels(mixup, cutmix):
-    batch = {"pixel_values": torch.randn(8, 3, 16, 16), "labels": torch.arange(8) % 5}
-    out = T.mix_batch(batch, 5, mixup, cutmix, np.random.default_rng(0))
-    assert out["labels"].shape == (8, 5)
-    torch.testing.assert_close(out["labels"].sum(1), torch.ones(8))
-    assert not torch.equal(out["pixel_values"], batch["pixel_values"])
-    same = T.mix_batch(batch, 5, 0.0, 0.0, np.random.default_rng(0))
-    assert same is batch
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mix_batch_weights_labels_by_pixel_shares(mixup, cutmix, seed):
+    """Image i is the constant i, with its own label: each mixed image blends two source images, and its soft label
+    must put the same shares on those two images' labels (mean pixel = label weights x the labels' image values)."""
+    n, num_labels = 6, 7
+    labels = torch.tensor([3, 0, 5, 1, 6, 2])  # image i carries labels[i]; label 4 belongs to no image
+    pixels = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 16, 16).clone()
+    batch = {"pixel_values": pixels, "labels": labels}
+    out = T.mix_batch(batch, num_labels, mixup, cutmix, np.random.default_rng(seed))
+    soft, mixed = out["labels"], out["pixel_values"]
+    assert soft.shape == (n, num_labels) and mixed.shape == pixels.shape
+    torch.testing.assert_close(soft.sum(1), torch.ones(n))
+    image_of_label = torch.zeros(num_labels)
+    image_of_label[labels] = torch.arange(n, dtype=torch.float32)
+    torch.testing.assert_close(mixed.mean(dim=(1, 2, 3)), soft @ image_of_label)
+    for k in range(n):
+        sources = set(image_of_label[soft[k] > 0].tolist())
+        assert k in sources and len(sources) <= 2  # the image itself and at most one partner
+        if cutmix and not mixup:  # a pasted box: every pixel comes from one of the two images
+            assert set(mixed[k].unique().tolist()) <= sources
+    two = soft[(soft > 0).sum(1) == 2]
+    assert len(two) >= n // 2  # the batch really mixed, with shares that tell the two images apart
+    assert ((two.max(1).values - 0.5).abs() > 0.02).any()
+    assert T.mix_batch(batch, num_labels, 0.0, 0.0, np.random.default_rng(seed)) is batch
 
 
 def test_layer_decay_scales_learning_rate_by_depth():

@@ -20,9 +20,26 @@ def test_every_shipped_profile_validates(path):
     assert load_params(path, []).model_dump() == params.model_dump()
 
 
-def test_demo_is_offline_cpu_tiny():
+def test_demo_is_offline_cpu_tiny(monkeypatch):
+    """The demo needs no network (generated images, a ViT built from its config, local registry, no online
+    tracker), runs on a machine without a GPU, and is small enough to train there in minutes."""
+    import torch
+
+    from lib.labels import HAR_CLASSES
+    from lib.model import build_model, count_parameters
+    from lib.train import device_precision
+
     p = load_params(ROOT / "params" / "demo.yaml")
     assert (p.data.source, p.model.source) == ("embedded", "config")
+    assert set(p.train.report_to) <= {"tensorboard", "none"}  # wandb and mlflow log to a server
+    assert not p.publish.registry.startswith("s3://") and not p.dashboard.registry.startswith("s3://")
+    assert p.train.num_gpus * p.train.nodes == 1 and p.train.ddp_backend != "nccl"
+    assert p.dashboard.device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_precision(p.train.precision) == {"bf16": False, "fp16": False, "use_cpu": True}
+    assert p.model.config.image_size <= 64 and len(HAR_CLASSES) * p.data.embedded.images_per_class <= 2000
+    model, _, _ = build_model(p.model, list(HAR_CLASSES))
+    assert count_parameters(model)["total"] < 2_000_000  # a ViT-Tiny has 5.7 M, ViT-B/16 86 M
 
 
 def write(tmp_path: Path, tree: dict) -> Path:
@@ -51,6 +68,33 @@ def test_wrong_type_names_key_and_value(tmp_path):
 def test_split_fractions_must_leave_training_data(tmp_path):
     msg = error_of(write(tmp_path, {"data": {"val_fraction": 0.5, "test_fraction": 0.5}}))
     assert "data" in msg and "val_fraction + test_fraction" in msg
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"near_duplicate_distance": 10, "near_duplicate_min_similarity": None}, "without near_duplicate_min_sim"),
+        ({"near_duplicate_min_similarity": 0}, "data.near_duplicate_min_similarity"),
+        ({"near_duplicate_min_similarity": 1.2}, "data.near_duplicate_min_similarity"),
+        ({"near_duplicate_distance": 17}, "data.near_duplicate_distance"),
+        ({"near_duplicate_distance": -1}, "data.near_duplicate_distance"),
+    ],
+)
+def test_near_duplicate_thresholds_are_validated(tmp_path, data, expected):
+    """A hash-only distance wide enough to join look-alike photos, and thresholds outside their range, stop."""
+    assert expected in error_of(write(tmp_path, {"data": data}))
+
+
+def test_near_duplicate_thresholds_that_make_sense_pass(tmp_path):
+    from lib.params import HASH_ONLY_MAX_DISTANCE
+
+    for data in (
+        {"near_duplicate_distance": HASH_ONLY_MAX_DISTANCE, "near_duplicate_min_similarity": None},
+        {"near_duplicate_distance": None, "near_duplicate_min_similarity": None},
+        {"near_duplicate_distance": 16, "near_duplicate_min_similarity": 1},
+    ):
+        p = load_params(write(tmp_path, {"data": data})).data
+        assert (p.near_duplicate_distance, p.near_duplicate_min_similarity) == tuple(data.values())
 
 
 def test_missing_image_folder_is_an_error(tmp_path):

@@ -180,10 +180,38 @@ def test_dataset_logits_match_predictor(run_root: Path) -> None:
     spec = load_spec(run_root / "model")
     model = load_model(run_root / "model")
     batched = dataset_logits(model, ds, spec, batch_size=4, device="cpu")
-    fp32 = dataset_logits(model, ds, spec, batch_size=4, device="cpu", precision="fp32", tta_flip=True)
-    assert batched.shape == fp32.shape == (10, 15)
+    assert batched.shape == (10, 15)
     served = load_predictor(run_root, backend="onnx", threads=1).logits(list(ds["image"]))
     np.testing.assert_allclose(batched, served, atol=1e-4)
+
+
+def test_per_view_logits_put_the_served_view_first(run_root: Path) -> None:
+    """With tta_flip, per_view gives (N, 2, C): view 0 is the image as served (unflipped), view 1 its mirror, and
+    the TTA logits are their mean. Evaluation reads view 0 as the served model's logits."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    from lib.model import load_model
+
+    images = [im.convert("RGB") for im in make_images(7, seed=9)]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=LABELS)})
+    ds = Dataset.from_dict({"image": images, "label": list(range(7))}, features=features)
+    spec = load_spec(run_root / "model")
+    model = load_model(run_root / "model")
+    views = dataset_logits(model, ds, spec, batch_size=3, device="cpu", tta_flip=True, per_view=True)
+    assert views.shape == (7, 2, 15)
+    pixels = torch.from_numpy(np.stack([eval_transform(im, spec) for im in images]))
+    with torch.inference_mode():
+        plain = model(pixel_values=pixels).logits.numpy()
+        mirrored = model(pixel_values=pixels.flip(-1)).logits.numpy()
+    assert np.abs(plain - mirrored).max() > 1e-3  # the two views differ, so their order shows
+    np.testing.assert_allclose(views[:, 0], plain, atol=1e-4)
+    np.testing.assert_allclose(views[:, 1], mirrored, atol=1e-4)
+    tta = dataset_logits(model, ds, spec, batch_size=3, device="cpu", tta_flip=True)
+    np.testing.assert_allclose(tta, views.mean(axis=1), atol=1e-6)
+    single = dataset_logits(model, ds, spec, batch_size=3, device="cpu", per_view=True)
+    assert single.shape == (7, 1, 15)
+    np.testing.assert_allclose(single[:, 0], views[:, 0], atol=1e-4)
 
 
 def test_empty_input() -> None:

@@ -9,7 +9,7 @@ import yaml
 
 from lib.labels import HAR_CLASSES
 from lib.params import ROOT, flatten
-from lib.rehearsal.hub_cache import (
+from tools.hub_cache import (
     HUB_DATASET_ID,
     HUB_DINOV2_ID,
     HUB_IN21K_ID,
@@ -19,7 +19,7 @@ from lib.rehearsal.hub_cache import (
     write_dataset_cache,
     write_model_cache,
 )
-from lib.rehearsal.runner import (
+from tools.rehearsal.runner import (
     GATE_OFF,
     PROFILE,
     REFERENCE,
@@ -45,7 +45,7 @@ def test_override_policy_refuses_recipe_keys():
 
 def test_cli_refuses_a_recipe_override_before_any_work():
     res = subprocess.run(
-        [sys.executable, "-m", "lib.rehearsal", "--set", "train.mixup_alpha=0", "--dry-run"],
+        [sys.executable, "-m", "tools.rehearsal", "--set", "train.mixup_alpha=0", "--dry-run"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -159,7 +159,7 @@ def test_every_hub_stand_in_resolves_offline_with_its_repos_processor(tmp_path):
     code = (
         "import json\n"
         "from transformers import AutoConfig, AutoImageProcessor\n"
-        "from lib.rehearsal.hub_cache import HUB_MODELS\n"
+        "from tools.hub_cache import HUB_MODELS\n"
         "found = {}\n"
         "for m in HUB_MODELS:\n"
         "    cfg, proc = AutoConfig.from_pretrained(m), AutoImageProcessor.from_pretrained(m, backend='pil')\n"

@@ -22,7 +22,7 @@ from test_dashboard import MODEL_NAME, photo, publish_run, shared_run
 from test_uploads import heic
 
 from lib.params import ROOT
-from lib.rehearsal.runner import HAR_SAMPLE
+from tools.rehearsal.runner import HAR_SAMPLE
 
 pytestmark = pytest.mark.integration  # notebooks, subprocesses, servers or a browser
 

@@ -1,6 +1,7 @@
 """The Trainer recipe on a tiny ViT: mixup on training batches only, per-worker mixing draws, the best checkpoint
-really loaded, and the same loss and gradient with one or two DDP processes."""
+really loaded, resuming from the last checkpoint, and the same loss and gradient with one or two DDP processes."""
 
+import copy
 import json
 import os
 import subprocess
@@ -137,3 +138,60 @@ def test_ddp_loss_and_gradient_match_one_process(tmp_path):
     # the fault this guards against (a loss scaled by the number of processes) is off by a factor of 2.
     for key in ("loss", "grad_norm"):
         assert logged[2][key] == pytest.approx(logged[1][key], rel=1e-4), key
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
+    """A run stopped after its first epoch's checkpoint and started again with train.resume picks up that checkpoint:
+    the same step count, its weights and its optimizer state, and trains only the steps that are left."""
+    from transformers import TrainerCallback, ViTForImageClassification
+
+    out = prepared_run(tmp_path)
+    steps_per_epoch = SPLIT_SIZES["train"] // 6
+    seen = {}
+
+    class StopAfterFirstEpoch(TrainerCallback):  # as if the machine went away after the first checkpoint
+        def on_epoch_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            seen["start_step"] = state.global_step
+            seen["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            seen["optimizer"] = copy.deepcopy(optimizer.state_dict())  # the live state moves on
+            seen["steps"] = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen["steps"] += 1
+
+    real = T.build_trainer
+    extra = [StopAfterFirstEpoch()]
+
+    def build(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        for callback in extra + [Spy()]:
+            trainer.add_callback(callback)
+        return trainer
+
+    monkeypatch.setattr(T, "build_trainer", build)
+    first = T.train(tiny_params(tmp_path, epochs=2, resume=True), out)  # nothing to resume from yet
+    assert first["resumed_from"] is None and first["global_steps"] == steps_per_epoch == seen["steps"]
+    checkpoint = T.last_checkpoint(out)
+    assert checkpoint is not None and checkpoint.endswith(f"checkpoint-{steps_per_epoch}")
+
+    extra.clear()
+    second = T.train(tiny_params(tmp_path, epochs=2, resume=True), out)
+    assert second["resumed_from"] == checkpoint
+    assert seen["start_step"] == steps_per_epoch and seen["steps"] == steps_per_epoch
+    assert second["global_steps"] == 2 * steps_per_epoch
+    saved = ViTForImageClassification.from_pretrained(checkpoint).state_dict()
+    assert saved.keys() == seen["weights"].keys()
+    for name in saved:
+        torch.testing.assert_close(seen["weights"][name], saved[name], msg=name)
+    saved_optimizer = torch.load(f"{checkpoint}/optimizer.pt", weights_only=True)["state"]
+    state = seen["optimizer"]["state"]
+    assert state and state.keys() == saved_optimizer.keys()
+    for key, moments in saved_optimizer.items():
+        assert int(state[key]["step"]) == steps_per_epoch
+        torch.testing.assert_close(state[key]["exp_avg"], moments["exp_avg"])
+        torch.testing.assert_close(state[key]["exp_avg_sq"], moments["exp_avg_sq"])
+    assert T.last_checkpoint(out).endswith(f"checkpoint-{2 * steps_per_epoch}")

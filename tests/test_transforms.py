@@ -47,11 +47,59 @@ def test_train_transform_is_random_but_seedable():
     np.testing.assert_array_equal(a, c)
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F", "1"])
-def test_to_rgb_handles_modes(mode):
-    img = photo(20, 10).convert(mode) if mode not in ("I;16",) else Image.fromarray(np.full((10, 20), 40000, np.uint16))
+RAMP = np.arange(256, dtype=np.float64).reshape(16, 16)  # every 8-bit level once
+
+
+def palette_image() -> Image.Image:
+    """A P image whose index i is the colour (i, 255 - i, 7 * i mod 256)."""
+    img = Image.fromarray(RAMP.astype(np.uint8), "P")
+    img.putpalette([c for i in range(256) for c in (i, 255 - i, (7 * i) % 256)])
+    return img
+
+
+def grey(levels: np.ndarray) -> np.ndarray:
+    """The RGB array of a grey image with these 8-bit levels."""
+    return np.repeat(np.asarray(levels, np.uint8)[..., None], 3, axis=-1)
+
+
+# Each mode with a ramp or mid values, the 8-bit RGB it stands for, and the tolerance (alpha blending rounds). A plain
+# convert("RGB") clips the deep modes (a 16-bit ramp saturates at 255), drops alpha instead of putting it on white,
+# and ignores a float image's 0-1 range.
+MODE_CASES = {
+    "L": (lambda: Image.fromarray(RAMP.astype(np.uint8), "L"), grey(RAMP), 0),
+    "P": (palette_image, np.stack([RAMP, 255 - RAMP, (7 * RAMP) % 256], axis=-1).astype(np.uint8), 0),
+    "RGBA": (  # blue over white, by alpha
+        lambda: Image.fromarray(np.stack([RAMP * 0, RAMP * 0, RAMP * 0 + 255, RAMP], -1).astype(np.uint8), "RGBA"),
+        np.stack([255 - RAMP, 255 - RAMP, RAMP * 0 + 255], -1).astype(np.uint8),
+        1,
+    ),
+    "LA": (lambda: Image.fromarray(np.stack([RAMP * 0, RAMP], -1).astype(np.uint8), "LA"), grey(255 - RAMP), 1),
+    "1": (lambda: Image.fromarray(RAMP >= 128), grey(np.where(RAMP >= 128, 255, 0)), 0),
+    "CMYK": (  # black ink only: K level k is grey 255 - k
+        lambda: Image.fromarray(np.stack([RAMP * 0, RAMP * 0, RAMP * 0, RAMP], -1).astype(np.uint8), "CMYK"),
+        grey(255 - RAMP),
+        0,
+    ),
+    "I;16": (lambda: Image.fromarray((RAMP * 257).astype(np.uint16)), grey(RAMP), 0),
+    "I;16 dark": (lambda: Image.fromarray(RAMP.astype(np.uint16)), grey(np.rint(RAMP / 257)), 0),
+    "I;16 mid": (lambda: Image.fromarray(np.full((16, 16), 0x8000, np.uint16)), grey(np.full((16, 16), 128)), 0),
+    "I 16-bit": (lambda: Image.fromarray((RAMP * 257).astype(np.int32)), grey(RAMP), 0),
+    "I 8-bit": (lambda: Image.fromarray(RAMP.astype(np.int32)), grey(RAMP), 0),
+    "F 0-1": (lambda: Image.fromarray((RAMP / 255).astype(np.float32)), grey(RAMP), 0),
+    "F flat mid": (lambda: Image.fromarray(np.full((16, 16), 0.5, np.float32)), grey(np.full((16, 16), 128)), 0),
+    "F 0-255": (lambda: Image.fromarray((RAMP * 0.75).astype(np.float32)), grey(np.rint(RAMP * 0.75)), 0),
+    "F other range": (lambda: Image.fromarray((RAMP * 4 - 300).astype(np.float32)), grey(RAMP), 0),
+}
+
+
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_to_rgb_keeps_the_levels_of_every_mode(case: str):
+    make, expected, tolerance = MODE_CASES[case]
+    img = make()
+    assert img.mode == case.split()[0]
     out = to_rgb(img)
-    assert out.mode == "RGB" and out.size == (20, 10)
+    assert out.mode == "RGB" and out.size == (16, 16)
+    np.testing.assert_allclose(np.asarray(out, np.int16), expected.astype(np.int16), atol=tolerance)
 
 
 def test_transparent_pixels_become_white():

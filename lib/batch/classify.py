@@ -3,7 +3,6 @@ a thread pool ahead of inference, results written in parts so that a rerun resum
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -12,25 +11,41 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image
+from tqdm.auto import tqdm
 
 from lib.batch.images import ImageSource, Shard
+from lib.batch.manifest import (
+    Manifest,
+    default_location,
+    manifest_of,
+    read_manifest,
+    resolve_location,
+    write_manifest,
+)
+from lib.batch.outputs import (
+    PREDICTIONS,
+    SETTINGS,
+    consolidate,
+    part_files,
+    read_predictions,
+    write_atomic,
+    write_errors,
+    write_part,
+)
+from lib.batch.summary import write_summary
 from lib.predict import Predictor, load_predictor, read_serving
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions.parquet"
-ERRORS = "errors.csv"
-SETTINGS = "run.json"
-PARTS = "parts"
 DEFAULT_REGISTRY = "outputs/registry"
 DEFAULT_MODEL_NAME = "har-vit-demo"
-# Settings a resumed run must share with the rows already written, or one table would mix two models.
+# Settings a resumed run must share with the rows already written, or one table would mix two models; a run of a
+# planned manifest also keeps to that manifest, or its shard's rows would follow another split of another list.
 RESUME_KEYS = ("images", "model_version", "variant", "top_k", "shard")
+PLANNED_RESUME_KEYS = (*RESUME_KEYS, "manifest_sha256")
 
 
 def served_variant(serving: dict) -> str:
@@ -70,13 +85,13 @@ def output_folder(out: str | Path, shard: Shard | None) -> Path:
     return Path(out) / shard.folder if shard else Path(out)
 
 
-def check_settings(dest: Path, settings: dict) -> None:
+def check_settings(dest: Path, settings: dict, keys: tuple[str, ...] = RESUME_KEYS) -> None:
     """Record the run's settings in dest/run.json; refuse to resume rows written with other ones."""
     path = dest / SETTINGS
     if path.is_file():
         before = json.loads(path.read_text())
-        differ = [k for k in RESUME_KEYS if before.get(k) != settings.get(k)]
-        written = (dest / PREDICTIONS).exists() or any((dest / PARTS).glob("*.parquet"))
+        differ = [k for k in keys if before.get(k) != settings.get(k)]
+        written = (dest / PREDICTIONS).exists() or bool(part_files(dest))
         if differ and written:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in differ)
             raise ValueError(f"{dest} holds results of another run ({shown}): choose another --out or delete it")
@@ -84,51 +99,35 @@ def check_settings(dest: Path, settings: dict) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
 
 
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(tmp) then rename over path: a reader (or a resumed run) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def planned_manifest(
+    source: ImageSource, out: str | Path, manifest: str | Path | None, shard: Shard | None
+) -> Manifest | None:
+    """The planned list this run classifies, or None for an unsharded run without one (it lists the images itself,
+    see own_manifest). A shard, or a run given --manifest, never lists the images itself: no plan, no start."""
+    location = resolve_location(manifest) if manifest else default_location(out)
+    found = read_manifest(location)
+    if found is None and (shard or manifest):
+        raise FileNotFoundError(
+            f"no manifest at {location}: the shards of a run classify one fixed list. Write it once, before any "
+            f"shard starts: python -m lib.batch plan --images {source.location} --out {out}"
+            + (f" --manifest {manifest}" if manifest else "")
+        )
+    if found is None or not found.planned:
+        if shard:
+            raise ValueError(
+                f"{location} is the file list of an unsharded run, not a plan: give the shards another --out "
+                "(or delete it and run python -m lib.batch plan)"
+            )
+        return None
+    if found.images != source.url:
+        raise ValueError(f"the manifest {location} lists the files of {found.images}, not of {source.url}")
+    return found
 
 
-def read_predictions(dest: Path) -> pd.DataFrame:
-    """Every prediction written so far in dest: predictions.parquet and the parts of an unfinished run."""
-    files = ([dest / PREDICTIONS] if (dest / PREDICTIONS).is_file() else []) + sorted((dest / PARTS).glob("*.parquet"))
-    if not files:
-        return pd.DataFrame(columns=["path"])
-    table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    return table.drop_duplicates("path", keep="last").sort_values("path", ignore_index=True)
-
-
-def write_part(dest: Path, rows: list[dict]) -> None:
-    """One more part file of predictions (numbered after the existing ones)."""
-    parts = dest / PARTS
-    parts.mkdir(exist_ok=True)
-    n = len(list(parts.glob("*.parquet")))
-    write_atomic(parts / f"part-{n:05d}.parquet", lambda tmp: pd.DataFrame(rows).to_parquet(tmp, index=False))
-
-
-def write_errors(dest: Path, errors: list[tuple[str, str]]) -> None:
-    """errors.csv: path, reason (rewritten whole)."""
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "reason"])
-            w.writerows(sorted(errors))
-
-    write_atomic(dest / ERRORS, write)
-
-
-def consolidate(dest: Path) -> pd.DataFrame:
-    """Join predictions.parquet and the parts into one sorted predictions.parquet, then drop the parts."""
-    table = read_predictions(dest)
-    write_atomic(dest / PREDICTIONS, lambda tmp: table.to_parquet(tmp, index=False))
-    for part in (dest / PARTS).glob("*.parquet"):
-        part.unlink()
-    if (dest / PARTS).is_dir():
-        (dest / PARTS).rmdir()
-    return table
+def own_manifest(source: ImageSource, out: str | Path) -> Manifest:
+    """An unsharded run without a plan lists the images now, so that a rerun also finds new ones (classify keeps
+    the list in OUT/manifest.json once the run goes ahead)."""
+    return manifest_of(default_location(out), source.url, source.keys(), planned=False)
 
 
 def prefetched(
@@ -191,6 +190,15 @@ def predict_batch(
         return kept, np.asarray(probs, np.float32).reshape(len(kept), len(predictor.labels))
 
 
+def nothing_classified(manifest: Manifest, shard: Shard | None, listed: int) -> str:
+    """Why a run's table is empty, in words for summary.json and the log."""
+    if not manifest.files:
+        return f"no images in {manifest.images}"
+    if not listed:
+        return f"shard {shard} has no images: the manifest lists {len(manifest.files)} for {shard.count} shards"
+    return f"none of the {listed} images could be classified: errors.csv says why"
+
+
 def classify(
     model: str,
     images: str | Path,
@@ -199,6 +207,7 @@ def classify(
     registry: str = DEFAULT_REGISTRY,
     model_name: str = DEFAULT_MODEL_NAME,
     shard: Shard | None = None,
+    manifest: str | Path | None = None,
     top_k: int = 5,
     batch_size: int = 32,
     threads: int | None = None,
@@ -207,23 +216,32 @@ def classify(
     draft: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Classify every image of `images` (or of one shard of them) not yet in `out`; return the run's summary.
+    """Classify every file of the run's manifest (or of one shard of it) not yet in `out`; return the summary.
 
+    A shard reads the manifest at `manifest` (default OUT/manifest.json) that `plan` wrote; see planned_manifest.
     Writes predictions.parquet, errors.csv, run.json and summary.json (class counts) into out (or out/<shard>);
     chunk_size predictions per part file while it runs, so that an interrupted run keeps what it finished."""
-    from tqdm.auto import tqdm
-
-    from lib.batch.summary import write_summary
-
     if top_k < 1 or batch_size < 1 or workers < 1 or chunk_size < 1:
         raise ValueError("top_k, batch_size, workers and chunk_size must be >= 1")
     source = ImageSource(images)
+    listing = planned_manifest(source, out, manifest, shard)
     predictor, info = open_model(model, registry, model_name, threads)
+    listing = listing or own_manifest(source, out)
     predictor.batch_size = batch_size
     top_k = min(top_k, len(predictor.labels))
     dest = output_folder(out, shard)
-    check_settings(dest, {"images": source.url, **info, "top_k": top_k, "shard": str(shard) if shard else None})
-    keys = shard.select(source.keys()) if shard else source.keys()
+    settings = {
+        "images": source.url,
+        **info,
+        "top_k": top_k,
+        "shard": str(shard) if shard else None,
+        "manifest": listing.location,
+        "manifest_sha256": listing.sha256,
+    }
+    check_settings(dest, settings, PLANNED_RESUME_KEYS if listing.planned else RESUME_KEYS)
+    if not listing.planned:  # replaces the list of the previous start only now that this run goes ahead
+        write_manifest(listing.location, listing.images, list(listing.files), planned=False)
+    keys = shard.select(list(listing.files)) if shard else list(listing.files)
     done = set(read_predictions(dest)["path"])
     todo = [k for k in keys if k not in done]
     where = f"{source.url} (shard {shard})" if shard else source.url
@@ -250,4 +268,7 @@ def classify(
     table = consolidate(dest)
     run = {"classified_now": len(todo) - len(errors), "seconds": round(seconds, 3)}
     run["images_per_s"] = round(len(todo) / seconds, 3) if todo and seconds > 0 else None
-    return write_summary(dest, table, errors, source, run)
+    note = nothing_classified(listing, shard, len(keys)) if table.empty else None
+    if note:
+        log.warning("%s", note)
+    return write_summary(dest, table, errors, source, run, listed=len(keys), note=note)

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lib.dashboard.uploads import DECODE_FORMATS, SUPPORTED
+from lib.registry.storage import open_storage
 from lib.transforms import ImageSpec, resize_for_crop, to_rgb
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"})
@@ -76,8 +77,6 @@ class ImageSource:
     def __init__(self, location: str | Path, region: str | None = None) -> None:
         self.location = str(location)
         if self.location.startswith("s3://"):
-            from lib.registry.storage import open_storage
-
             self.storage = open_storage(self.location, region)
             self.url = self.storage.url
         else:

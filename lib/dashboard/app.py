@@ -10,6 +10,7 @@ import html
 import io
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -22,10 +23,11 @@ import yaml
 from PIL import Image
 
 from lib.dashboard.settings import dashboard_params, env_int, upload_limits
-from lib.dashboard.uploads import SUPPORTED, UploadError, decode_image, fetch_url
+from lib.dashboard.uploads import SUPPORTED, UploadError, decode_image, fetch_url, url_origin
 from lib.files import MIB, read_json
 from lib.metrics import SUMMARY_METRICS
-from lib.params import DEFAULT_PARAMS, DashboardParams, ParamsError
+from lib.params import DEFAULT_PARAMS, DashboardParams, ParamsError, load_params
+from lib.registry.storage import LATEST, MANIFEST, LocalStorage, RegistryError, open_storage
 from lib.transforms import RESAMPLE, ImageSpec, load_spec, resize_for_crop
 
 log = logging.getLogger("har.dashboard")
@@ -434,14 +436,22 @@ def _upload_items(value: Any) -> list[dict[str, Any]]:
 
 
 def handle_image(
-    bundle: ModelBundle, p: DashboardParams, name: str, data: bytes, saliency: bool, notes: list[str] | None = None
+    bundle: ModelBundle,
+    p: DashboardParams,
+    name: str,
+    data: bytes,
+    saliency: bool,
+    notes: list[str] | None = None,
+    log_name: str | None = None,
 ) -> str:
-    """Decode, classify (and optionally explain) one image; an HTML card, or an error card for bad input."""
+    """Decode, classify (and optionally explain) one image; an HTML card, or an error card for bad input. The card
+    shows name; the service log says log_name (default name)."""
     max_bytes, _ = upload_limits(p)
+    log_name = name if log_name is None else log_name
     try:
         img = decode_image(data, max_bytes, p.max_pixels, max_side=DECODE_SIDE)
     except UploadError as exc:
-        log.info("refused %r (%d bytes): %s", name, len(data), exc)
+        log.info("refused %r (%d bytes): %s", log_name, len(data), exc)
         return render_error(name, str(exc))
     notes = list(notes or [])
     if bundle.is_demo:
@@ -458,10 +468,29 @@ def handle_image(
             overlay_ms = (time.perf_counter() - start) * 1000.0
         card = render_result(name, img, pred, p.low_confidence, bundle, overlay, overlay_ms, notes)
     except Exception:  # one bad image must not lose the rest of the batch
-        log.exception("classifying %r failed", name)
+        log.exception("classifying %r failed", log_name)
         return render_error(name, "This image could not be classified because of an internal error (it was logged).")
-    log.info("classified %r: %s %.3f in %.1f ms", name, *(pred.top[0] if pred.top else ("-", 0.0)), pred.ms)
+    log.info("classified %r: %s %.3f in %.1f ms", log_name, *(pred.top[0] if pred.top else ("-", 0.0)), pred.ms)
     return card
+
+
+def url_card(bundle: ModelBundle, p: DashboardParams, url: str, saliency: bool) -> str:
+    """Fetch a pasted URL (guarded) and classify it: a result card, or an error card saying why not.
+
+    The card shows the URL (on the visitor's own page); the service log names its scheme and host only, since the
+    path, query and user name of a pre-signed or token-bearing link are credentials."""
+    label = url if len(url) <= 80 else url[:77] + "…"
+    origin = url_origin(url)
+    try:
+        data = fetch_url(url, upload_limits(p)[0], timeout=URL_TIMEOUT_S)
+    except UploadError as exc:
+        log.info("refused URL at %s: %s", origin, exc)
+        return render_error(label, str(exc))
+    except Exception as exc:
+        # Neither the message nor the traceback: some exceptions (http.client's InvalidURL) quote the whole URL.
+        log.error("fetching URL at %s failed: %s", origin, type(exc).__name__)
+        return render_error(label, "The image could not be downloaded because of an internal error (it was logged).")
+    return handle_image(bundle, p, label, data, saliency, log_name=f"URL at {origin}")
 
 
 def upload_cards(bundle: ModelBundle, p: DashboardParams, items: list[dict[str, Any]], saliency: bool) -> list[str]:
@@ -502,22 +531,15 @@ def build_app(bundle: ModelBundle, p: DashboardParams) -> Any:
     title = widgets.HTML(f"<h2>What are they doing?</h2>{render_hint(p)}")
     info = widgets.HTML(render_model_info(bundle, p))
     upload = widgets.FileUpload(
-        accept=UPLOAD_ACCEPT,
-        multiple=True,
-        description="Upload photos",
-        button_style="primary",
-        layout=widgets.Layout(width="auto"),
+        accept=UPLOAD_ACCEPT, multiple=True, description="Upload photos", button_style="primary"
     )
     upload.add_class("har-upload")
-    url = widgets.Text(placeholder="https://example.com/photo.jpg", layout=widgets.Layout(width="420px"))
+    url = widgets.Text(placeholder="https://example.com/photo.jpg")  # sized by dashboard.css (.har-url)
     url.add_class("har-url")
     fetch_button = widgets.Button(description="Classify URL", icon="link")
     fetch_button.add_class("har-url-button")
     saliency = widgets.Checkbox(
-        value=False,
-        description="Show where the model looked (occlusion map, slower)",
-        indent=False,
-        layout=widgets.Layout(width="auto"),
+        value=False, description="Show where the model looked (occlusion map, slower)", indent=False
     )
     saliency.add_class("har-saliency-toggle")
     clear = widgets.Button(description="Clear results", icon="trash")
@@ -561,17 +583,10 @@ def build_app(bundle: ModelBundle, p: DashboardParams) -> Any:
         if not target:
             status.value = render_notice("error", "Paste an image URL first.")
             return
-        label = target if len(target) <= 80 else target[:77] + "…"
         status.value = render_notice("busy", "Downloading the image…")
         set_busy(True)
         try:
-            try:
-                data = fetch_url(target, upload_limits(p)[0], timeout=URL_TIMEOUT_S)
-            except UploadError as exc:
-                log.info("refused URL %r: %s", target, exc)
-                card = render_error(label, str(exc))
-            else:
-                card = handle_image(bundle, p, label, data, saliency.value)
+            card = url_card(bundle, p, target, saliency.value)
         finally:
             set_busy(False)
         show([card])
@@ -587,16 +602,63 @@ def build_app(bundle: ModelBundle, p: DashboardParams) -> Any:
     upload.observe(on_upload, names="value")
     fetch_button.on_click(on_fetch)
     clear.on_click(on_clear)
-    controls = widgets.VBox(
-        [
-            widgets.HBox([upload, saliency], layout=widgets.Layout(align_items="center", gap="16px")),
-            widgets.HBox([url, fetch_button, clear], layout=widgets.Layout(align_items="center", gap="8px")),
-            status,
-        ]
-    )
+    rows = [widgets.HBox([upload, saliency]), widgets.HBox([url, fetch_button, clear])]
+    for row in rows:
+        row.add_class("har-controls")  # dashboard.css: the rows wrap on a narrow screen, no label is cut
+    controls = widgets.VBox([*rows, status])
     app = widgets.VBox([title, info, controls, results])
     app.add_class("har-app")
     return app
+
+
+def unpublished_hint(p: DashboardParams, environ: Mapping[str, str] | None = None) -> str | None:
+    """What to run first, when the dashboard pulls from a local registry folder that holds nothing to serve (a
+    `make dashboard` before `make demo`); commands in backquotes. None otherwise, and always on a served host
+    (HAR_MODEL_DIR set, or an S3 registry), whose page never names paths or buckets."""
+    environ = os.environ if environ is None else environ
+    if environ.get("HAR_MODEL_DIR"):
+        return None
+    try:
+        storage = open_storage(p.registry)
+    except RegistryError:
+        return None
+    if not isinstance(storage, LocalStorage):
+        return None
+    root = storage.root.resolve()
+    wanted = f"{p.model_name!r}" if p.version == "latest" else f"version {p.version!r} of {p.model_name!r}"
+    if not root.is_dir():
+        found = "which does not exist yet"
+    else:
+        key = f"{p.model_name}/{LATEST}" if p.version == "latest" else f"{p.model_name}/{p.version}/{MANIFEST}"
+        if storage.exists(key):
+            return None  # something is published: the failure is another one, and the log says which
+        others = sorted(d.name for d in root.iterdir() if (d / LATEST).is_file())
+        found = f"which holds no published {wanted}" + (f" (it holds {', '.join(others)})" if others else "")
+    demo = load_params(DEFAULT_PARAMS).publish
+    demo_storage = open_storage(demo.registry)
+    if (
+        isinstance(demo_storage, LocalStorage)
+        and demo_storage.root.resolve() == root
+        and demo.model_name == p.model_name
+        and p.version == "latest"
+    ):
+        first = "Run `make demo` first: it trains the demo model and publishes it there."
+    else:
+        first = (
+            f"Publish {wanted} there first (the pipeline's publish stage; `make demo` publishes "
+            f"{demo.model_name!r} to `{demo.registry}`)."
+        )
+    shown = f"`{p.registry}`" + (f" ({root})" if str(root) != p.registry else "")
+    return (
+        f"No model to serve yet. The dashboard looked for {wanted} in the registry {shown}, {found}. {first} "
+        "Or set `HAR_REGISTRY` and `HAR_MODEL_NAME` to a registry that holds one. Then reload this page."
+    )
+
+
+def render_setup_hint(text: str) -> str:
+    """A start-up hint as an error card: escaped, with its backquoted commands and paths as code."""
+    body = re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(text))
+    return f'<div class="har-error har-setup" data-name="setup">{body}</div>'
 
 
 def main(params_file: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> None:
@@ -606,6 +668,7 @@ def main(params_file: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
 
     setup_logging()
     display(HTML(page_css()))
+    p = None
     try:
         p = dashboard_params(params_file, overrides)
         Image.MAX_IMAGE_PIXELS = p.max_pixels
@@ -615,8 +678,19 @@ def main(params_file: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
             bundle = load_bundle(p)  # progress bars and warnings go to the service log, not the page
         log.info("serving %s %s from %s (%s)", bundle.name, bundle.version, bundle.root, bundle.predictor.backend)
     except Exception as exc:
-        # Details (paths, bucket names) stay in the service log; the page says what kind of problem it is.
+        # Details (paths, bucket names) stay in the service log; the page says what kind of problem it is. The one
+        # exception is a run from a checkout whose local registry is still empty: it names that folder.
         log.exception("dashboard start-up failed")
+        hint = None
+        if p is not None:
+            try:
+                hint = unpublished_hint(p)
+            except Exception:  # the hint is a courtesy: the generic message below still stands
+                log.exception("checking the registry for a start-up hint failed")
+        if hint:
+            log.warning("%s", hint)
+            display(HTML('<div class="har-app">' + render_setup_hint(hint) + "</div>"))
+            return
         kind = "its configuration is invalid" if isinstance(exc, ParamsError) else "the model could not be loaded"
         message = f"The dashboard is unavailable: {kind}. The administrator can find the details in the service log."
         display(HTML('<div class="har-app">' + render_error("Sorry", message) + "</div>"))

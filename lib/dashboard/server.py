@@ -8,12 +8,13 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple
 
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.identity import PasswordIdentityProvider
+from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
 from traitlets import Bool, Integer, TraitError, default
@@ -117,7 +118,9 @@ class CappedKernelManager(AsyncMappingKernelManager):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._ws_events: dict[str, float] = {}  # kernel id -> time.time() of its last websocket open or close
+        # Wall-clock seconds, as jupyter_server's last_activity stamps: a test replaces it to age kernels at will.
+        self.clock: Callable[[], float] = time.time
+        self._ws_events: dict[str, float] = {}  # kernel id -> clock() of its last websocket open or close
         self._ever_connected: set[str] = set()
         self._admission = asyncio.Lock()
         self._waiting: object | None = None  # the one request waiting for room (the newest)
@@ -173,18 +176,21 @@ class CappedKernelManager(AsyncMappingKernelManager):
         """A page opened its websocket: the kernel serves a real visitor."""
         super().notify_connect(kernel_id)
         self._ever_connected.add(kernel_id)
-        self._ws_events[kernel_id] = time.time()
+        self._ws_events[kernel_id] = self.clock()
 
     def notify_disconnect(self, kernel_id: str) -> None:
-        """A websocket closed; the idle clock restarts from here."""
+        """A websocket closed; the idle clock restarts from here (unless the kernel is gone: nothing to keep)."""
         super().notify_disconnect(kernel_id)
-        self._ws_events[kernel_id] = time.time()
+        if kernel_id in self._kernels:
+            self._ws_events[kernel_id] = self.clock()
 
     def remove_kernel(self, kernel_id: str) -> Any:
-        """Forget a removed kernel's websocket history too."""
+        """Forget a removed kernel's websocket history too, and close the websockets still open to it."""
         self._ws_events.pop(kernel_id, None)
         self._ever_connected.discard(kernel_id)
-        return super().remove_kernel(kernel_id)
+        removed = super().remove_kernel(kernel_id)
+        close_websockets(kernel_id)
+        return removed
 
     def kernel_record(self, kernel_id: str, now: float | None = None) -> KernelRecord | None:
         """The kernel's record for choose_eviction; None while it starts or stops."""
@@ -195,7 +201,7 @@ class CappedKernelManager(AsyncMappingKernelManager):
             last = kernel.last_activity
         except (AttributeError, TraitError):  # listed, but jupyter_server has not stamped it yet: still starting
             return None
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         last_s = max(last.timestamp() if isinstance(last, datetime) else now, self._ws_events.get(kernel_id, 0.0))
         return KernelRecord(
             kernel_id,
@@ -207,7 +213,7 @@ class CappedKernelManager(AsyncMappingKernelManager):
 
     def kernel_records(self) -> list[KernelRecord]:
         """Records of every running kernel."""
-        now = time.time()
+        now = self.clock()
         return [r for kid in list(self._kernels) if (r := self.kernel_record(kid, now)) is not None]
 
     def health(self) -> dict[str, Any]:
@@ -291,6 +297,19 @@ class CappedKernelManager(AsyncMappingKernelManager):
             await ensure_async(self.shutdown_kernel(kernel_id, now=True))
             return
         await super().cull_kernel_if_idle(kernel_id)
+
+
+def close_websockets(kernel_id: str) -> int:
+    """Close every open websocket to kernel_id; return how many.
+
+    jupyter_server leaves a page's websocket open when its kernel is shut down (evicted, culled, or through the API):
+    the page would go on showing a dashboard that no longer answers. Closed, the page's kernel connection retries,
+    finds no kernel and gives up, and the page says so (static/dashboard.js)."""
+    sessions = getattr(ZMQChannelsWebsocketConnection, "_open_sessions", {})
+    handlers = [h for key, h in list(sessions.items()) if key.split(":", 1)[0] == kernel_id]
+    for handler in handlers:
+        handler.close()
+    return len(handlers)
 
 
 def apply_websocket_cap(app: Any) -> None:

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -57,6 +57,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 ALLOWED_PORTS = frozenset({80, 443, 8080, 8443})
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 USER_AGENT = "har-vit-dashboard/1.0 (+image fetch)"
+# Characters a request target keeps as they are: RFC 3986's reserved ones and '%' (a URL that is already encoded
+# stays so). Everything else (non-ASCII, spaces, control characters) is percent-encoded as UTF-8.
+TARGET_SAFE = "!#$%&'()*+,/:;=?@[]~"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
@@ -208,9 +211,10 @@ class _Deadline:
     deadline a timer shuts the open socket down instead, which wakes a read blocked anywhere in http.client or ssl.
     """
 
-    def __init__(self, seconds: float) -> None:
-        """Start the clock."""
-        self.end = time.monotonic() + seconds
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        """Start the clock; clock() gives the time in seconds (the timer that cuts the socket runs on real time)."""
+        self.clock = clock
+        self.end = clock() + seconds
         self.expired = False
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
@@ -220,7 +224,7 @@ class _Deadline:
 
     def remaining(self) -> float:
         """Seconds left; UploadError once there are none."""
-        left = self.end - time.monotonic()
+        left = self.end - self.clock()
         if self.expired or left <= 0:
             raise UploadError(TOO_SLOW)
         return left
@@ -363,13 +367,24 @@ def check_url(
             f"Port {port} is not allowed; use a normal web address "
             f"(ports {', '.join(map(str, sorted(allowed_ports)))})."
         )
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=TARGET_SAFE)
     return scheme, host, port, addresses[0], target
 
 
-def _shown(url: str, limit: int = 100) -> str:
-    """A URL cut to limit characters for a message."""
-    return url if len(url) <= limit else url[: limit - 1] + "…"
+def url_origin(url: str) -> str:
+    """scheme://host[:port] of a URL, for logs and messages. Its user name, password, path, query and fragment can
+    carry secrets (pre-signed links, access tokens), so nothing but the origin is ever logged or echoed."""
+    try:
+        parts = urlsplit(str(url).strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "(not a valid URL)"
+    if not parts.scheme:
+        return "(not a URL)"
+    if not host:
+        return f"{parts.scheme.lower()}:"
+    host = f"[{host}]" if ":" in host else host[:253]
+    return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None else "")
 
 
 def fetch_url(
@@ -381,10 +396,12 @@ def fetch_url(
     allow: Callable[[IPAddress], bool] = is_public_address,
     allowed_ports: frozenset[int] = ALLOWED_PORTS,
     ssl_context: ssl.SSLContext | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> bytes:
     """Download an image URL safely: checked IPs only, redirects re-checked and capped, size capped, and one
-    deadline of timeout seconds over the whole fetch (DNS, connect, TLS, headers, body, every hop)."""
-    deadline = _Deadline(timeout)
+    deadline of timeout seconds over the whole fetch (DNS, connect, TLS, headers, body, every hop), measured on
+    clock. Messages name the origin (scheme and host) of a URL only."""
+    deadline = _Deadline(timeout, clock)
     context = ssl_context or ssl.create_default_context()
     try:
         for hop in range(max_redirects + 1):
@@ -398,7 +415,8 @@ def fetch_url(
                 # Every hop is checked before anything connects to it: a redirect to the metadata service
                 # (169.254.169.254) or any other refused address ends here.
                 raise UploadError(
-                    f"The image URL redirected to {_shown(url)}, which is refused: {exc} Nothing was fetched from it."
+                    f"The image URL redirected to {url_origin(url)}, which is refused: {exc} "
+                    "Nothing was fetched from it."
                 ) from None
             conn: http.client.HTTPConnection = (
                 _PinnedHTTPSConnection(host, ip, port, deadline, context)

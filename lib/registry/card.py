@@ -87,13 +87,17 @@ def card_data(model_name: str, metrics: dict, params: dict) -> ModelCardData:
     if isinstance(metrics.get("f1_weighted"), (int, float)):
         results.append(result("f1", metrics["f1_weighted"], "Test F1 (weighted)", metric_args={"average": "weighted"}))
     served = metrics.get("served") if isinstance(metrics.get("served"), dict) else {}
+    as_served = f"as served ({served.get('file')}, {served.get('variant')}, one view)"
     if isinstance(served.get("accuracy"), (int, float)):
+        results.append(result("accuracy", served["accuracy"], f"Test accuracy {as_served}", metric_config="served"))
+    if isinstance(served.get("f1_weighted"), (int, float)):
         results.append(
             result(
-                "accuracy",
-                served["accuracy"],
-                f"Test accuracy as served ({served.get('file')}, {served.get('variant')}, one view)",
+                "f1",
+                served["f1_weighted"],
+                f"Test F1 (weighted) {as_served}",
                 metric_config="served",
+                metric_args={"average": "weighted"},
             )
         )
     return ModelCardData(
@@ -109,6 +113,30 @@ def card_data(model_name: str, metrics: dict, params: dict) -> ModelCardData:
     )
 
 
+def gate_lines(gate: dict) -> list[str]:
+    """The card's account of the publish gate: which model's figures were judged, and each condition's verdict."""
+    if not gate.get("enabled"):
+        return ["The publish gate was off (`publish.gate.enabled: false`): this version was published unjudged."]
+    seen = gate.get("judged") or {}
+    lines = [
+        f"Judged on the served model's own figures, `{seen.get('metrics')}`: `{seen.get('file')}` "
+        f"({seen.get('backend')}, {seen.get('variant')}, {seen.get('views')} view, {seen.get('split')} split), "
+        "not on the PyTorch model's table above.",
+        "",
+    ]
+    rows = [
+        (
+            row.get("key", row.get("metric")),
+            row.get("value"),
+            "" if row.get("min") is None else row["min"],
+            "" if row.get("max") is None else row["max"],
+            "passed" if row.get("passed") else "failed",
+        )
+        for row in gate.get("report") or []
+    ]
+    return lines + _table(rows, ("figure", "value", "min", "max", "verdict"), fixed=True)
+
+
 def model_card(
     model_name: str,
     version: str,
@@ -117,9 +145,10 @@ def model_card(
     params: dict,
     data_summary: dict | None,
     files: list[str],
+    gate: dict | None = None,
 ) -> str:
-    """Model card: Hugging Face front matter (card_data), then data, recipe, metrics, per-class table, confusion
-    matrix in Markdown."""
+    """Model card: Hugging Face front matter (card_data), then data, recipe, metrics, the publish gate (gate: the
+    publish record's "gate", saying which figures were judged), per-class table, confusion matrix in Markdown."""
     from huggingface_hub import ModelCard
 
     run, data = params.get("run", {}) or {}, params.get("data", {}) or {}
@@ -213,6 +242,8 @@ def model_card(
         if served.get("reason"):  # the export stage's serving gate: the cheapest variant that passes, or the fallback
             lines += [f"Why this file: {served['reason']}.", ""]
     lines += _table(metrics_summary(metrics).items(), ("metric", "value"), fixed=True)
+    if gate is not None:
+        lines += ["", "## Publish gate", "", *gate_lines(gate)]
     if per_class:
         lines += ["", "## Per class", ""]
         lines += _table(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import mimetypes
@@ -40,6 +41,15 @@ BUCKET_RE = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)(?!xn--)[a-z0-9][a-z0-9.-]{1,61
 
 class RegistryError(RuntimeError):
     """A publish or pull could not be done safely; the message says what and where."""
+
+
+class ConflictError(RegistryError):
+    """A conditional write found the object changed (or created) since it was read: re-read and decide again."""
+
+
+def _token(data: bytes) -> str:
+    """The folder backend's stand-in for an ETag: the content's SHA-256."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class LocalStorage:
@@ -96,6 +106,37 @@ class LocalStorage:
         except FileNotFoundError:
             raise RegistryError(f"{self.url}/{key} not found") from None
 
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(bytes, token) of key, (None, None) when absent; put_if takes the token to replace exactly this content."""
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, _token(data)
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> None:
+        """Write key only if it still holds what read_versioned returned with token (None: only if it is absent);
+        ConflictError otherwise.
+
+        A lock file next to key (flock: released by the kernel when a process dies) makes the compare and the rename
+        one step for every writer that goes through here; readers need no lock, since the rename is atomic.
+        """
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                try:
+                    current = _token(target.read_bytes())
+                except FileNotFoundError:
+                    current = None
+                if current != token:
+                    state = "was created" if token is None else "changed" if current else "was deleted"
+                    raise ConflictError(f"{self.url}/{key} {state} since it was read")
+                self._write(key, lambda tmp: tmp.write_bytes(data))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def get_file(self, key: str, dest: Path, progress: Callable[[int], None] | None = None) -> None:
         """Copy key to a local file; progress(bytes) once it is there."""
         try:
@@ -113,6 +154,13 @@ class LocalStorage:
         return sorted(
             p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
         )
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the folders directly under prefix (dot folders skipped)."""
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def exists(self, key: str) -> bool:
         """Whether key exists."""
@@ -288,6 +336,46 @@ class S3Storage:
                 raise RegistryError(f"{self.url}/{key} not found") from None
             raise self._error(exc, f"get {key}") from None
 
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(bytes, ETag) of key, (None, None) when absent; put_if takes the ETag to replace exactly this object."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+        except Exception as exc:
+            if self._status(exc) == 404:
+                return None, None
+            raise self._error(exc, f"get {key}") from None
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> None:
+        """Write key only if its ETag is still token (If-Match), or, with token None, only if it is absent
+        (If-None-Match: *); ConflictError otherwise."""
+        from botocore.exceptions import ClientError
+
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data, **self._content_type(key)}
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        try:
+            try:
+                self.client.put_object(**args, **condition)
+            except ClientError as exc:
+                status = self._status(exc)
+                # 412: the precondition failed; 409: a concurrent conditional write to the same key; 404: If-Match
+                # on an object deleted since it was read.
+                if status in (409, 412) or (status == 404 and token is not None):
+                    raise ConflictError(f"{self.url}/{key} changed since it was read") from None
+                if status != 501:
+                    raise
+                log.warning(
+                    "%s does not support conditional writes: %s is written unconditionally "
+                    "(a concurrent writer could be overwritten)",
+                    self.url,
+                    key,
+                )
+                self.client.put_object(**args)
+        except RegistryError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, f"put {key}") from None
+
     def get_file(self, key: str, dest: Path, progress: Callable[[int], None] | None = None) -> None:
         """Download key to a local file (boto3 transfer manager; progress gets each chunk's byte count)."""
         try:
@@ -306,6 +394,17 @@ class S3Storage:
             return sorted(obj["Key"][strip:] for page in pages for obj in page.get("Contents", []))
         except Exception as exc:
             raise self._error(exc, f"list {prefix}") from None
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the 'folders' (common prefixes up to the next '/') directly under prefix."""
+        full = self._key(prefix.rstrip("/") + "/" if prefix else "")
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")
+            found = [p["Prefix"][len(full) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+        except Exception as exc:
+            raise self._error(exc, f"list {prefix or '/'}") from None
+        return sorted(name for name in found if name)
 
     def _head(self, key: str) -> dict | None:
         try:

@@ -1,6 +1,6 @@
 """CPU benchmark: the reference PyTorch path vs our serving path (ONNX Runtime via load_predictor).
 
-python -m lib.bench [--model-dir RUN] [--images DIR] [--quick] [--out outputs/bench]
+python -m tools.bench [--model-dir RUN] [--images DIR] [--quick] [--out outputs/bench]
 
 Measures, on the ViT-B/16 architecture at 224 px (random weights unless a trained run is given), with 2 threads:
 1. latency per image, batch 1: HF image processor + PyTorch fp32 model (reference) vs load_predictor (ours) and
@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,29 +36,16 @@ from lib.batch.images import IMAGE_SUFFIXES
 from lib.labels import HAR_CLASSES
 from lib.params import ROOT
 from lib.predict import EXPORT_DIR, SERVING_FILE, load_predictor, model_folder, read_serving
+from tools.machine import cpu_snapshot, machine_info, others_percent
 
 HAR_LABELS = list(HAR_CLASSES)  # labels of the generated benchmark photos
-# Instruction sets that decide fp32 GEMM and int8 speed on x86 (/proc/cpuinfo names): without VNNI (AVX-512 or
-# AVX-VNNI) int8 GEMM gains little over fp32; AMX adds int8 and bf16 tile units.
-ISA_FLAGS = (
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-)
 DEFAULT_STUDENT_LAYERS = 6  # when the profile sets no export.student_layers: half of ViT-B/16's 12 blocks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     ap = argparse.ArgumentParser(
-        prog="python -m lib.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
         "--model-dir", type=Path, help="trained run folder (model/ and maybe export/); default: random ViT-B/16"
@@ -79,40 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--student-layers", type=int, help="encoder blocks of the student (default: from --profile)")
     return ap.parse_args(argv)
-
-
-def machine_info() -> dict:
-    """CPU model, cores, memory, library versions, load average."""
-    import onnxruntime
-    import psutil
-    import torch
-    import transformers
-
-    cpu, flags = platform.processor() or "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not flags:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "isa": {flag: flag in flags for flag in ISA_FLAGS},
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-        "pillow": Image.__version__,
-        "load_average_start": list(os.getloadavg()),
-    }
 
 
 def synthetic_image(rng: np.random.Generator) -> Image.Image:
@@ -245,23 +197,6 @@ def reference_path(model_dir: Path) -> Callable[[Image.Image], np.ndarray]:
             return model(**inputs).logits.softmax(-1).numpy()
 
     return predict
-
-
-def cpu_snapshot() -> tuple[float, float, float]:
-    """(wall time, busy CPU seconds of the whole machine, CPU seconds of this process and its waited children)."""
-    import psutil
-
-    c = psutil.cpu_times()
-    me = psutil.Process().cpu_times()
-    busy = c.user + c.system + c.nice + getattr(c, "irq", 0.0) + getattr(c, "softirq", 0.0)
-    return time.time(), busy, me.user + me.system + me.children_user + me.children_system
-
-
-def others_percent(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Share of the machine's CPU (percent of all cores) used by other processes between two snapshots."""
-    wall = max(after[0] - before[0], 1e-9)
-    others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, 100.0 * others / wall / (os.cpu_count() or 1))
 
 
 def percentiles(times: list[float]) -> dict:

@@ -5,7 +5,7 @@ models, a handful of generated images). Both libraries resolve these without a n
 HF_DATASETS_CACHE point at the folders and HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 are set in the environment of
 the process that loads them.
 
-    python -m lib.rehearsal.hub_cache HUB_DIR DATASETS_DIR [--size base] [--per-class 11] \
+    python -m tools.hub_cache HUB_DIR DATASETS_DIR [--size base] [--per-class 11] \
         [--images ../shared/data/har_sample] [--models ID ...]
 """
 
@@ -241,7 +241,7 @@ def write_dataset_cache(
 def main(argv: list[str] | None = None) -> int:
     """CLI: build both Google ids and the dataset cache; print a JSON summary."""
     ap = argparse.ArgumentParser(
-        prog="python -m lib.rehearsal.hub_cache",
+        prog="python -m tools.hub_cache",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

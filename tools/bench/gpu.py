@@ -1,8 +1,8 @@
 """GPU benchmark for a lent accelerator machine: training and evaluation images/s of ViT-B/16, training images/s of
 each profile's backbone, distillation images/s of the served student and batch classification images/s.
 
-python -m lib.bench.gpu [--out outputs/bench] [--batch 128] [--budget-s 420] [--backbones vit dinov2 siglip]
-python -m lib.bench.gpu --dry-run          # tiny settings, runs on the CPU, for tests
+python -m tools.bench.gpu [--out outputs/bench] [--batch 128] [--budget-s 420] [--backbones vit dinov2 siglip]
+python -m tools.bench.gpu --dry-run          # tiny settings, runs on the CPU, for tests
 
 Training (random init, synthetic tensors, AdamW): bf16 autocast + SDPA attention vs plain fp32 eager (TF32 off).
 Per backbone (har_vit: ViT-B/16, har_dinov2: DINOv2-base ViT-B/14, har_siglip: SigLIP-base ViT-B/16 vision tower),
@@ -51,7 +51,7 @@ def positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     ap = argparse.ArgumentParser(
-        prog="python -m lib.bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench", help="where gpu-<timestamp>.json goes")
     ap.add_argument("--dry-run", action="store_true", help="tiny model and sizes; allowed on the CPU (for tests)")
@@ -116,10 +116,10 @@ def new_model(dry_run: bool, attn: str, device: str, backbone: str = "vit") -> A
 
 def backbone_classifier(backbone: str, dry_run: bool, attn: str) -> Any:
     """DINOv2-base (position embeddings for 518 px, as facebook/dinov2-base) or SigLIP-base's vision tower with a
-    15-class head; the tiny stand-ins of lib.rehearsal.hub_cache for a dry run."""
+    15-class head; the tiny stand-ins of tools.hub_cache for a dry run."""
     import transformers as tf
 
-    from lib.rehearsal.hub_cache import TINY_DINOV2, TINY_SIGLIP_TEXT, TINY_VIT
+    from tools.hub_cache import TINY_DINOV2, TINY_SIGLIP_TEXT, TINY_VIT
 
     if backbone == "dinov2":
         model = tf.Dinov2ForImageClassification(
@@ -217,7 +217,7 @@ def synthetic_dataset(n: int, seed: int = 0) -> Any:
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
 
-    from lib.bench.cpu import HAR_LABELS, synthetic_image
+    from tools.bench.cpu import HAR_LABELS, synthetic_image
 
     rng = np.random.default_rng(seed)
     images = [synthetic_image(rng) for _ in range(n)]
@@ -293,9 +293,9 @@ def student_plan(args: argparse.Namespace) -> dict:
     (or --student-layers), temperature, alpha and train.label_smoothing. A dry run's tiny teacher has fewer blocks
     than a real student keeps, and build_student refuses a student deeper than its teacher: there the depth is capped
     at half the teacher's blocks. Raises ValueError before anything is measured when the depth does not fit."""
-    from lib.bench.cpu import student_layers
     from lib.distill import kept_blocks
     from lib.params import load_params
+    from tools.bench.cpu import student_layers
 
     p = load_params(args.profile)
     layers, source = student_layers(args.profile, args.student_layers)
@@ -374,8 +374,8 @@ def batch_classify_speed(dry_run: bool, n_images: int, threads: int | None, plan
     import psutil
 
     from lib.batch.classify import classify
-    from lib.bench.cpu import build_random_run, build_student_run, prepare_export, write_synthetic
     from lib.predict import read_serving
+    from tools.bench.cpu import build_random_run, build_student_run, prepare_export, write_synthetic
 
     workers = 2  # decoding threads, python -m lib.batch's default
     rows = {}
@@ -418,7 +418,7 @@ def batch_classify_speed(dry_run: bool, n_images: int, threads: int | None, plan
         "decode_workers": workers,
         "batch_size": batch_size,
         "n_images": n_images,
-        "images": "generated JPEGs (lib.bench.cpu.write_synthetic), 160-480 x 120-360 px",
+        "images": "generated JPEGs (tools.bench.cpu.write_synthetic), 160-480 x 120-360 px",
         "rows": rows,
     }
 

@@ -1,12 +1,12 @@
 """Rehearsal of a real profile: every stage at full size (ViT-B/16, DINOv2-base, SigLIP-base), offline, on this
 machine (CPU or one GPU).
 
-    make rehearsal [PROFILE=params/har_dinov2.yaml]   # python -m lib.rehearsal --profile ...
-    python -m lib.rehearsal --dry-run [--device cuda]   # the plan only: overrides, key coverage, commands
+    make rehearsal [PROFILE=params/har_dinov2.yaml]   # python -m tools.rehearsal --profile ...
+    python -m tools.rehearsal --dry-run [--device cuda]   # the plan only: overrides, key coverage, commands
 
 Steps, each in its own process, timed, with the peak RSS and PSS of its process tree sampled:
   caches        offline Hugging Face caches in the work folder: seeded random full-size snapshots of the Hub ids
-                the runs load (lib.rehearsal.hub_cache.HUB_MODELS: each repo's architecture and processor), and an
+                the runs load (tools.hub_cache.HUB_MODELS: each repo's architecture and processor), and an
                 Arrow cache of Bingsu/Human_Action_Recognition holding the real photos of ../shared/data/har_sample
                 (the embedded generator's images when that folder is missing);
   prepare .. publish   the profile (default params/har_vit.yaml) through every stage (`python -m lib.pipeline
@@ -16,7 +16,7 @@ Steps, each in its own process, timed, with the peak RSS and PSS of its process 
   dashboard     Voila as `make dashboard` runs it pulls the published version from the moto S3 into a fresh cache;
                 headless Chromium uploads a photo and waits for the top-k labels; kernel and server RSS;
   reference/*   with har_vit.yaml only: params/har_vit_reference.yaml through prepare, train and evaluate;
-  gpu_bench     on a CUDA machine only: python -m lib.bench.gpu.
+  gpu_bench     on a CUDA machine only: python -m tools.bench.gpu.
 Only run-length/size keys and the registry location may differ from the profile (OVERRIDABLE); anything else is
 refused. Prints a table and writes outputs/rehearsal/<timestamp>.json; exits 1 when a step failed.
 """
@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,12 +41,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import boto3
+import datasets
+import numpy as np
+import onnxruntime
+import psutil
+import torch
+import transformers
 import yaml
+from botocore.exceptions import ClientError
+from playwright.sync_api import sync_playwright
 
 from lib.dashboard.headless import CHROMIUM, launch_options, wait_for_port
+from lib.data import split_sizes
 from lib.files import MIB, read_json
 from lib.params import ROOT, TrainParams, flatten, load_params, parse_override
-from lib.rehearsal.fake_s3 import FAKE_AWS_ENV, UNSET_AWS_ENV, free_port, start_moto
+from lib.registry.gate import check_gate
+from tools.fake_s3 import FAKE_AWS_ENV, UNSET_AWS_ENV, free_port, start_moto
+from tools.hub_cache import HUB_MODELS, generated_jpeg
+from tools.machine import cpu_snapshot, machine_info, others_percent
 
 PROFILE = ROOT / "params" / "har_vit.yaml"
 REFERENCE = ROOT / "params" / "har_vit_reference.yaml"
@@ -240,7 +254,6 @@ def tree_memory(pid: int) -> tuple[int, int]:
     RSS counts a page shared by several processes (a forked DataLoader worker, the kernel's parent) once per
     process; PSS splits it among them, so the PSS sum is what the tree really holds.
     """
-    import psutil
 
     try:
         root = psutil.Process(pid)
@@ -259,8 +272,6 @@ def tree_memory(pid: int) -> tuple[int, int]:
 def sampled_peak(pid: int) -> Iterator[dict[str, float]]:
     """Sample tree_memory(pid) every SAMPLE_S in a thread. The yielded dict holds, when the block ends, the peaks
     in MiB ('peak_rss_mib', 'peak_pss_mib') and the share of the CPUs other processes used meanwhile."""
-    from lib.bench.cpu import cpu_snapshot, others_percent
-
     peaks = [0, 0]
     stop = threading.Event()
 
@@ -288,7 +299,6 @@ def sampled_peak(pid: int) -> Iterator[dict[str, float]]:
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
     """Terminate a process we started, then kill it and any descendant still running after grace_s."""
-    import psutil
 
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -371,8 +381,6 @@ def pipeline_cmd(profile: Path, run_name: str, stage: str, overrides: dict[str, 
 
 def s3_objects(bucket: str, prefix: str) -> dict[str, int]:
     """Key -> size of every object under prefix in the (moto) bucket; {} when the bucket does not exist."""
-    import boto3
-    from botocore.exceptions import ClientError
 
     client = boto3.client("s3")
     try:
@@ -444,7 +452,6 @@ def check_export(out: Path, profile: Path) -> dict:
 def check_gate_refused(out: Path, profile: Path, bucket: str, prefix: str) -> dict:
     """The gated publish refused for the right reason (every failure a gate condition the metrics miss) and
     uploaded nothing."""
-    from lib.registry.gate import check_gate
 
     record = read_json(out / "publish.json", default={})
     expected = check_gate(read_json(out / "metrics.json", default={}), load_params(profile).publish.gate.conditions)
@@ -478,7 +485,6 @@ def check_published(out: Path, bucket: str, prefix: str, model_name: str) -> dic
     ]
     if missing:
         raise RehearsalError(f"published version {version} lacks {', '.join(missing)} in s3://{bucket}/{prefix}")
-    import boto3
 
     body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{model_name}/latest.json")["Body"]
     latest = json.loads(body.read())
@@ -597,7 +603,6 @@ def run_profile(
 
 def voila_rss(server_pid: int) -> tuple[list[int], int]:
     """(RSS of each live ipykernel child, RSS of the Voila server) in bytes."""
-    import psutil
 
     server = psutil.Process(server_pid)
     kernels = []
@@ -610,7 +615,6 @@ def voila_rss(server_pid: int) -> tuple[list[int], int]:
 
 def browse(url: str, photo: Path, top_k: int, server_pid: int) -> dict:
     """Open the page in headless Chromium, upload the photo, wait for the top-k rows; timings, labels, RSS."""
-    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(**launch_options())
@@ -792,9 +796,6 @@ def pick_photo(images: Path | None, per_class: int, work: Path) -> Path:
         files = sorted((images / "running").glob("*.jpg"))
         if files:
             return files[min(per_class, len(files) - 1)]
-    import numpy as np
-
-    from lib.rehearsal.hub_cache import generated_jpeg
 
     path = work / "photo.jpg"
     path.write_bytes(generated_jpeg(10, np.random.default_rng(123)))
@@ -818,13 +819,10 @@ def hf_env(cache: Path) -> dict[str, str]:
 
 def detect_device(choice: str) -> tuple[str, str]:
     """('cuda' or 'cpu', a readable name) for --device auto|cpu|cuda."""
-    import torch
 
     cuda = torch.cuda.is_available()
     if choice == "cuda" or (choice == "auto" and cuda):
         return "cuda", torch.cuda.get_device_name(0) if cuda else "no CUDA here: dry run only"
-    from lib.bench.cpu import machine_info
-
     info = machine_info()
     return "cpu", f"{info['cpu']}, {info['usable_cores']} cores"
 
@@ -852,7 +850,6 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[Path, str, str | None, 
 
 def hub_models(args: argparse.Namespace) -> list[str]:
     """The Hub model ids the planned runs load, each needing a stand-in in the offline cache (HUB_MODELS)."""
-    from lib.rehearsal.hub_cache import HUB_MODELS
 
     ids = []
     for profile, *_ in planned_runs(args):
@@ -861,7 +858,7 @@ def hub_models(args: argparse.Namespace) -> list[str]:
             if mp.name_or_path not in HUB_MODELS:
                 raise RehearsalError(
                     f"{rel(profile)}: no offline stand-in for model {mp.name_or_path!r} "
-                    f"(lib/rehearsal/hub_cache.py HUB_MODELS knows {', '.join(HUB_MODELS)})"
+                    f"(tools/hub_cache.py HUB_MODELS knows {', '.join(HUB_MODELS)})"
                 )
             ids.append(mp.name_or_path)
     return ids
@@ -887,7 +884,7 @@ def print_table(stages: list[dict], total: float) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     ap = argparse.ArgumentParser(
-        prog="python -m lib.rehearsal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.rehearsal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--profile", type=Path, default=PROFILE, help="profile run through every stage")
     ap.add_argument("--reference", type=Path, default=REFERENCE, help="profile run through prepare, train, evaluate")
@@ -912,7 +909,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def dry_run(args: argparse.Namespace, device: str, per_class: int, extra: dict[str, Any]) -> int:
     """Print the plan, split sizes assumed from images per class (no duplicates); validate every override."""
-    from lib.data import split_sizes
 
     print(f"device {device}, {per_class} images per class, work folder {rel(args.out / 'work')}")
     print(f"offline Hub cache: {', '.join(hub_models(args))} (random weights, the repos' configs and processors)")
@@ -940,20 +936,12 @@ def dry_run(args: argparse.Namespace, device: str, per_class: int, extra: dict[s
             stage = step.removeprefix(prefix).replace("publish_gate", "publish")
             print(f"  {step}: {' '.join(pipeline_cmd(profile, ovr['run.name'], stage, step_ovr)[1:])}")
     if device == "cuda":
-        print(f"\ngpu_bench: python -m lib.bench.gpu --budget-s {GPU_BENCH_BUDGET_S}")
+        print(f"\ngpu_bench: python -m tools.bench.gpu --budget-s {GPU_BENCH_BUDGET_S}")
     return 0
 
 
 def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class: int, extra: dict[str, Any]) -> int:
     """The rehearsal proper (see the module docstring); returns the exit status."""
-    import resource
-
-    import datasets
-    import onnxruntime
-    import torch
-    import transformers
-
-    from lib.bench.cpu import machine_info
 
     began = time.perf_counter()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -997,7 +985,7 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
         cmd = [
             sys.executable,
             "-m",
-            "lib.rehearsal.hub_cache",
+            "tools.hub_cache",
             str(cache / "hub"),
             str(cache / "datasets"),
             "--size",
@@ -1042,7 +1030,7 @@ def rehearse(args: argparse.Namespace, device: str, device_name: str, per_class:
             cmd = [
                 sys.executable,
                 "-m",
-                "lib.bench.gpu",
+                "tools.bench.gpu",
                 "--out",
                 str(work / "bench"),
                 "--budget-s",

@@ -1,0 +1,1 @@
+"""Harness that is not installed with the package: run from a checkout (`python tools/results.py`)."""
